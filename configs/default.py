@@ -1,0 +1,113 @@
+"""Defaults shared by every config: the paper's network and recipe (SPEC.md sections 1-3).
+
+Dataset configs (`kits.py`, `msd_pancreas.py`, ...) start from `get_config()` here and change only
+what differs. Every knob lives here, with a comment. A config file may take a variant name after a
+colon, e.g. `--config configs/kits.py:unet`, selecting a row of the paper's tables (`VARIANTS`).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+# Rows of Tables I, II, III and V as overrides of `config.model` (the full model is the default).
+_ABLATION_OFF = dict(ec=False, cc=False, sc=False, mus=False, dws=False)
+VARIANTS = {
+    # Table II (ablation) / Table V (attention comparison)
+    'ec_cam_unet': {},
+    'unet': dict(_ABLATION_OFF),
+    'unet+cc': dict(_ABLATION_OFF, cc=True),
+    'unet+sc': dict(_ABLATION_OFF, sc=True),
+    'unet+coa': dict(_ABLATION_OFF, cc=True, sc=True),
+    'unet+mus': dict(_ABLATION_OFF, mus=True),
+    'unet+ec': dict(_ABLATION_OFF, ec=True),
+    'unet+dws': dict(_ABLATION_OFF, dws=True),
+    'unet+coag_musfu': dict(_ABLATION_OFF, cc=True, sc=True, mus=True),
+    'unet+coag_musfu+ec': dict(_ABLATION_OFF, cc=True, sc=True, mus=True, ec=True),
+    # Table III (fusion of CoA and MuS), on the full model
+    'fusion_series': dict(fusion='series'),
+    'fusion_add': dict(fusion='add'),
+    'fusion_fuse': dict(fusion='fuse'),
+    # Table I / V baselines (separate architectures)
+    'unet_se': dict(name='unet_se'),
+    'unet_cbam': dict(name='unet_cbam'),
+    'attention_unet': dict(name='attention_unet'),
+    'unet_pp': dict(name='unet_pp'),
+    'danet': dict(name='danet'),
+}
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  """`config.model`: the architecture. `build_model(config.model)` reads only this."""
+  m = ml_collections.ConfigDict()
+  # Architecture: ec_cam_unet | unet | unet_se | unet_cbam | attention_unet | unet_pp | danet.
+  # (`unet` is ec_cam_unet with every switch off; both names build the same graph.)
+  m.name = 'ec_cam_unet'
+  m.features = (64, 128, 256, 512, 1024)  # encoder widths, depth 5 (SPEC 1)
+  m.in_channels = 1  # input image channels
+  m.num_classes = 1  # 1: binary (sigmoid); >1: softmax over classes (incl. background)
+  # EC-CaM-UNet switches (Table II): every ablation row is a combination of these.
+  m.ec = True  # Enhanced Convolution in the encoder (3x3 + 1x3 + 3x1 branches, own BN each)
+  m.cc = True  # channel-correlation attention, eqs. (5)-(7)
+  m.sc = True  # spatial-correlation attention, eqs. (8)-(9)
+  m.mus = True  # multi-scale ASPP block
+  m.dws = True  # deeply supervised side output from the bottleneck (Fig. 2d)
+  m.fusion = 'fuse'  # CoA/MuS fusion (Table III): fuse (eq. 10) | add | series
+  m.cc_hidden = 8  # channels of CC's 1D encoder-decoder (not given in the paper)
+  m.sc_scale = 'none'  # SC logit scale: 'none' (paper: softmax(E E^T)) | 'rsqrt_c' (1/sqrt(C))
+  m.mus_channels = 256  # width of each ASPP branch
+  m.mus_rates = (6, 12, 18)  # ASPP dilation rates
+  m.side_features = (256, 64, 16)  # widths of the three side-output deconvs (2x, 2x, 4x)
+  m.se_reduction = 16  # SE / CBAM channel reduction (Table V baselines)
+  m.bn_momentum = 0.9  # flax convention (running = m*running + (1-m)*batch); = PyTorch 0.1
+  m.bn_epsilon = 1e-5
+  m.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params, softmax, reductions stay float32)
+  m.conv_impl = 'auto'  # convolution kernels: auto (by backend) | xla (lax.conv) | gemm (CPU-fast)
+  return m
+
+
+def get_config(variant: str = 'ec_cam_unet') -> ml_collections.ConfigDict:
+  """The paper's recipe on KiTS19-sized CT slices; dataset configs override `data` and `train`."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # model init, data order and augmentation all derive from this
+
+  config.model = get_model_config()
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r}; choose one of: {", ".join(VARIANTS)}')
+  config.model.update(VARIANTS[variant])
+  config.variant = variant  # recorded for reports
+
+  config.data = d = ml_collections.ConfigDict()
+  d.dataset = 'kits19'  # reader: kits19 | msd | nih_pancreas | synthetic (built-in demo)
+  d.root = config_dict.placeholder(str)  # dataset folder on disk (required for real datasets)
+  d.cache_dir = ''  # preprocessing cache; '' = ~/.cache/ecm_jax
+  d.modality = 'ct'  # ct: window + scale to [0, 1]; mri: per-volume robust z-score
+  d.window = (-79.0, 304.0)  # CT window in HU (kidney; pancreas uses (-100, 240))
+  d.mri_percentiles = (0.5, 99.5)  # MRI: clip to these percentiles before z-scoring
+  d.foreground_labels = (1, 2)  # label values merged into the target (KiTS: kidney + tumour)
+  d.image_size = 512  # slices are resized to image_size x image_size (must be divisible by 16)
+  d.split = (170, 10, 30)  # train / val / test case counts (KiTS19 in the paper)
+  d.split_seed = 0  # case-level split seed (independent of config.seed)
+  d.slices = 'all'  # all (paper) | foreground (foreground slices + background_fraction of the rest)
+  d.background_fraction = 0.1  # with slices='foreground': share of background slices kept
+  d.flip_prob = 0.5  # augmentation: horizontal flip
+  d.rotate_degrees = 10.0  # augmentation: rotation uniform in [-r, r] degrees
+  d.blur_prob = 0.5  # augmentation: Gaussian blur of the image
+  d.blur_sigma = (0.5, 1.5)  # blur sigma range in pixels (not given in the paper)
+  d.num_workers = 2  # grain worker processes (0 = in-process)
+  d.prefetch = 4  # batches buffered ahead of the model
+
+  config.loss = l = ml_collections.ConfigDict()
+  l.alpha = config_dict.placeholder(float)  # None: L_Dice + L_BCE (paper); float: eq. (17) weights
+  l.main = 'dice'  # loss on the main head when DWS is off: dice | bce | dice+bce
+  l.dice_smooth = 1.0  # soft Dice smoothing term
+
+  config.train = t = ml_collections.ConfigDict()
+  t.batch_size = 4  # global batch, split over all devices
+  t.num_epochs = 150
+  t.max_steps = config_dict.placeholder(int)  # stop early (short runs); the schedule still spans it
+  t.learning_rate = 1e-5  # Adam
+  t.weight_decay = 1e-4  # L2 added to the gradient before Adam (PyTorch Adam(weight_decay=...))
+  t.eval_every_epochs = 1  # validation Dice every N epochs
+  t.eval_batch_size = 8  # global batch for validation
+  t.checkpoint_keep = 2  # latest checkpoints kept (the best by val Dice is kept as well)
+  t.log_every_steps = 10  # metrics.jsonl / progress bar refresh
+  return config

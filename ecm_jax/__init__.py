@@ -1,0 +1,1 @@
+"""ecm-jax: EC-CaM-UNet (Xu et al., IEEE TNSE 2023) in JAX/Flax."""
