@@ -13,5 +13,6 @@ def get_config(variant: str = 'ec_cam_unet'):
   config.data.window = (-79.0, 304.0)
   config.data.foreground_labels = (1, 2)
   config.data.split = (170, 10, 30)
+  config.data.missing_labels = 'skip'  # cases 210-299 of the KiTS19 release have no segmentation
   config.train.weight_decay = 1e-4
   return config

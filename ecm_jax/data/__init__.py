@@ -1,0 +1,27 @@
+"""Data: dataset readers, the preprocessing cache, splits and the grain input pipeline (SPEC 2).
+
+    ds = data.prepare(config.data, split_file=run_dir / 'splits.json')
+    it = data.train_iterator(ds, config.data, batch_size=4, seed=config.seed)
+    for batch in data.eval_batches(ds, 'val', batch_size=8): ...
+    slices, meta = data.load_scan('scan.nii.gz', config.data)
+    data.write_prediction(masks, meta, 'mask.nii.gz')
+
+Every bad input raises `DataError` (a ValueError) naming the file and the problem.
+"""
+
+from ecm_jax.data.dataset import check_config
+from ecm_jax.data.dataset import prepare
+from ecm_jax.data.dataset import PreparedDataset
+from ecm_jax.data.dataset import SliceSource
+from ecm_jax.data.errors import DataError
+from ecm_jax.data.export import load_scan
+from ecm_jax.data.export import write_prediction
+from ecm_jax.data.meta import CaseMeta
+from ecm_jax.data.pipeline import eval_batches
+from ecm_jax.data.pipeline import steps_per_epoch
+from ecm_jax.data.pipeline import train_iterator
+
+__all__ = [
+    'CaseMeta', 'DataError', 'PreparedDataset', 'SliceSource', 'check_config', 'eval_batches',
+    'load_scan', 'prepare', 'steps_per_epoch', 'train_iterator', 'write_prediction',
+]

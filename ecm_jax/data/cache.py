@@ -1,0 +1,135 @@
+"""Preprocessing cache: per-case memory-mappable .npy slices and a JSON index, keyed by a hash.
+
+`<cache_dir>/<dataset>-<key>/` holds `cases/<case_id>.image.npy` (N, S, S, 1) float32,
+`cases/<case_id>.label.npy` (N, S, S) uint8 and `index.json` (the preprocessing spec and every
+case's `CaseMeta`, including which slices have foreground). `key` hashes the preprocessing config
+and the names, sizes and modification times of the source files, so any change builds a new cache
+and an unchanged config reuses the old one. A cache is built in a temporary sibling folder and
+renamed into place only when complete: a crash leaves a `.*.tmp-*` folder that is never read
+(safe to delete), and a failed build leaves nothing behind.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+
+from absl import logging
+import numpy as np
+import tqdm
+
+from ecm_jax.data import meta as meta_lib
+from ecm_jax.data import preprocess
+from ecm_jax.data import readers
+from ecm_jax.data.errors import DataError
+
+FORMAT = 1  # bump when the cache layout or the preprocessing code changes meaning
+
+
+def cache_root(config) -> pathlib.Path:
+  return pathlib.Path(config.cache_dir or '~/.cache/ecm_jax').expanduser()
+
+
+def case_arrays_paths(path: pathlib.Path, case_id: str) -> tuple[pathlib.Path, pathlib.Path]:
+  return path / 'cases' / f'{case_id}.image.npy', path / 'cases' / f'{case_id}.label.npy'
+
+
+def preprocessing_spec(config, root) -> dict:
+  """The config fields that determine the cached arrays."""
+  return {
+      'format': FORMAT,
+      'dataset': config.dataset,
+      'root': str(pathlib.Path(root).resolve()),
+      'modality': config.modality,
+      'intensity': list(config.window if config.modality == 'ct' else config.mri_percentiles),
+      'image_size': config.image_size,
+      'foreground_labels': list(config.foreground_labels),
+      'merge_foreground': config.merge_foreground,
+      'other_labels': config.other_labels,
+  }
+
+
+def cache_key(spec: dict, cases) -> str:
+  files = []
+  for case in cases:
+    for path in (case.image, case.label):
+      stat = path.stat()
+      files.append([case.case_id, path.name, stat.st_size, stat.st_mtime_ns])
+  text = json.dumps({'spec': spec, 'files': files}, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_build(config, root, cases) -> tuple[pathlib.Path, list[meta_lib.CaseMeta]]:
+  """The cache folder for these cases and config (built if absent) and every case's meta."""
+  spec = preprocessing_spec(config, root)
+  key = cache_key(spec, cases)
+  path = cache_root(config) / f'{config.dataset}-{key}'
+  if not path.exists():
+    _build(config, cases, spec, key, path)
+  else:
+    logging.info('reusing preprocessing cache %s', path)
+  index_path = path / 'index.json'
+  try:
+    index = json.loads(index_path.read_text())
+    metas = [meta_lib.CaseMeta.from_json(fields) for fields in index['cases']]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DataError(
+        f'{index_path}: unreadable cache index ({e!r}); delete {path} to rebuild') from e
+  if index.get('key') != key:
+    raise DataError(f'{index_path}: cache key {index.get("key")} does not match {key}; '
+                    f'delete {path} to rebuild')
+  return path, metas
+
+
+def _build(config, cases, spec, key, path: pathlib.Path):
+  created = _missing_folders(path.parent)
+  temporary = path.with_name(f'.{path.name}.tmp-{uuid.uuid4().hex[:8]}')
+  try:
+    (temporary / 'cases').mkdir(parents=True)
+    metas = [_write_case(case, config, temporary)
+             for case in tqdm.tqdm(cases, desc=f'caching {config.dataset} slices', unit='case')]
+    index = {'format': FORMAT, 'key': key, 'spec': spec,
+             'cases': [meta.to_json() for meta in metas]}
+    (temporary / 'index.json').write_text(json.dumps(index))
+    _rename_into_place(temporary, path)
+  except BaseException:
+    shutil.rmtree(temporary, ignore_errors=True)
+    for folder in created:  # deepest first; stops at the first that is not empty
+      try:
+        folder.rmdir()
+      except OSError:
+        break
+    raise
+  logging.info('built preprocessing cache %s (%d cases)', path, len(cases))
+
+
+def _write_case(case: readers.CaseFiles, config, folder: pathlib.Path) -> meta_lib.CaseMeta:
+  image_stack, label_stack, meta = readers.read_case(case, config)
+  labels = preprocess.label_slices(label_stack, config, case.label)
+  images = preprocess.image_slices(image_stack, config, case.image)
+  image_path, label_path = case_arrays_paths(folder, case.case_id)
+  np.save(image_path, images)
+  np.save(label_path, labels)
+  foreground = np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))
+  return dataclasses.replace(meta, foreground_slices=tuple(int(i) for i in foreground))
+
+
+def _rename_into_place(temporary: pathlib.Path, path: pathlib.Path):
+  try:
+    os.rename(temporary, path)
+  except OSError:
+    if not (path / 'index.json').is_file():
+      raise
+    shutil.rmtree(temporary)  # another process finished the same cache first
+
+
+def _missing_folders(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Folders that creating `folder` would add, deepest first."""
+  missing = []
+  while not folder.exists():
+    missing.append(folder)
+    folder = folder.parent
+  return missing
