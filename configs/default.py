@@ -26,12 +26,12 @@ VARIANTS = {
     'fusion_series': dict(fusion='series'),
     'fusion_add': dict(fusion='add'),
     'fusion_fuse': dict(fusion='fuse'),
-    # Table I / V baselines (separate architectures)
-    'unet_se': dict(name='unet_se'),
-    'unet_cbam': dict(name='unet_cbam'),
-    'attention_unet': dict(name='attention_unet'),
-    'unet_pp': dict(name='unet_pp'),
-    'danet': dict(name='danet'),
+    # Table I / V baselines (separate architectures, trained without the DWS side output)
+    'unet_se': dict(name='unet_se', dws=False),
+    'unet_cbam': dict(name='unet_cbam', dws=False),
+    'attention_unet': dict(name='attention_unet', dws=False),
+    'unet_pp': dict(name='unet_pp', dws=False),
+    'danet': dict(name='danet', dws=False),
 }
 
 
@@ -39,7 +39,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   """`config.model`: the architecture. `build_model(config.model)` reads only this."""
   m = ml_collections.ConfigDict()
   # Architecture: ec_cam_unet | unet | unet_se | unet_cbam | attention_unet | unet_pp | danet.
-  # (`unet` is ec_cam_unet with every switch off; both names build the same graph.)
+  # Only ec_cam_unet reads ec/cc/sc/mus/fusion; every name reads dws. `unet` = ec_cam_unet with
+  # ec, cc, sc, mus off (the same graph). See ecm_jax/models.py.
   m.name = 'ec_cam_unet'
   m.features = (64, 128, 256, 512, 1024)  # encoder widths, depth 5 (SPEC 1)
   m.in_channels = 1  # input image channels
@@ -51,6 +52,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.mus = True  # multi-scale ASPP block
   m.dws = True  # deeply supervised side output from the bottleneck (Fig. 2d)
   m.fusion = 'fuse'  # CoA/MuS fusion (Table III): fuse (eq. 10) | add | series
+  m.ec_folded = False  # EC deploy form (one 3x3 conv + bias per block); set by ecm_jax.fold.fold_ec
   m.cc_hidden = 8  # channels of CC's 1D encoder-decoder (not given in the paper)
   m.sc_scale = 'none'  # SC logit scale: 'none' (paper: softmax(E E^T)) | 'rsqrt_c' (1/sqrt(C))
   m.mus_channels = 256  # width of each ASPP branch
@@ -83,6 +85,10 @@ def get_config(variant: str = 'ec_cam_unet') -> ml_collections.ConfigDict:
   d.window = (-79.0, 304.0)  # CT window in HU (kidney; pancreas uses (-100, 240))
   d.mri_percentiles = (0.5, 99.5)  # MRI: clip to these percentiles before z-scoring
   d.foreground_labels = (1, 2)  # label values merged into the target (KiTS: kidney + tumour)
+  d.merge_foreground = True  # True: every foreground label -> class 1 (paper); False: i-th -> i+1
+  d.other_labels = 'error'  # label values not 0/foreground: error | background (e.g. CHAOS organs)
+  d.missing_labels = 'error'  # image without label file: error | skip (KiTS19 test cases 210-299)
+  d.affine_tolerance = 1e-3  # max |image affine - label affine| (mm) accepted as the same geometry
   d.image_size = 512  # slices are resized to image_size x image_size (must be divisible by 16)
   d.split = (170, 10, 30)  # train / val / test case counts (KiTS19 in the paper)
   d.split_seed = 0  # case-level split seed (independent of config.seed)
@@ -93,7 +99,13 @@ def get_config(variant: str = 'ec_cam_unet') -> ml_collections.ConfigDict:
   d.blur_prob = 0.5  # augmentation: Gaussian blur of the image
   d.blur_sigma = (0.5, 1.5)  # blur sigma range in pixels (not given in the paper)
   d.num_workers = 2  # grain worker processes (0 = in-process)
+  d.read_threads = 1  # threads per process preparing batches (2 were not faster on 2 cores)
   d.prefetch = 4  # batches buffered ahead of the model
+  # dataset='synthetic' only: the built-in SYNTHETIC demo set (KiTS19 layout, written to cache_dir)
+  d.synthetic_cases = 8  # number of cases
+  d.synthetic_slices = 32  # slices per case
+  d.synthetic_size = 96  # in-plane size in pixels
+  d.synthetic_seed = 0  # generator seed (the data are a pure function of these four fields)
 
   config.loss = l = ml_collections.ConfigDict()
   l.alpha = config_dict.placeholder(float)  # None: L_Dice + L_BCE (paper); float: eq. (17) weights
@@ -109,5 +121,6 @@ def get_config(variant: str = 'ec_cam_unet') -> ml_collections.ConfigDict:
   t.eval_every_epochs = 1  # validation Dice every N epochs
   t.eval_batch_size = 8  # global batch for validation
   t.checkpoint_keep = 2  # latest checkpoints kept (the best by val Dice is kept as well)
+  t.checkpoint_every_steps = 500  # also checkpoint between validations (crash recovery)
   t.log_every_steps = 10  # metrics.jsonl / progress bar refresh
   return config

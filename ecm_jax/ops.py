@@ -1,44 +1,305 @@
 """Array-level kernels the layers are built from: convolution, patch upsampling, 2x2 max-pool.
 
-Each takes NHWC inputs and HWIO kernels. `impl` selects the kernel: 'xla' is plain `lax.conv`;
-'auto' picks by backend. Every implementation computes the same function (gradient-equivalence
-tests in tests/test_ops.py).
+Each takes NHWC inputs and HWIO kernels. Every implementation computes the same function
+(gradient-equivalence tests in tests/test_ops.py); they differ only in speed and memory.
+
+Convolution implementations (`impl` of `conv2d`):
+  'xla'   plain `lax.conv_general_dilated`, differentiated by JAX. The right choice on GPU/TPU,
+          where the library convolutions are fast in all three passes.
+  'gemm'  a `jax.custom_vjp` convolution built for XLA:CPU, where the forward and input-gradient
+          convolutions run near matmul speed but the weight gradient runs 3-5x slower than a
+          matmul of the same size. Here the weight gradient is a few large matmuls over shifted
+          views of the input (see `_dw_shifted`), kernels whose taps reach only zero padding (e.g.
+          ASPP's dilation 12/18 on an 8x8 map) drop those taps, and on small maps, where the zero
+          padding is a large share of the work, every pass is a sum of per-tap matmuls over the
+          overlapping region only (see `_tap_sum`, `_dw_cropped`).
+  'auto'  'gemm' when the computation is lowered for CPU, 'xla' for any other platform. The choice
+          is made per lowering by `lax.platform_dependent` (not by `jax.default_backend()`), so a
+          function jitted for a GPU device from a CPU-default process still gets 'xla'.
+          `resolve_impl` says which one a platform gets.
 """
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('auto', 'xla')
+IMPLS = ('auto', 'xla', 'gemm')
+
+# Padded-to-real area ratio of a feature map from which the 'gemm' path computes the forward and
+# input gradient as per-tap matmuls over the overlapping regions instead of `lax.conv`, and the
+# weight gradient with per-tap crops instead of shifts of the zero-padded map. Chosen by measurement
+# (benchmarks/ops.py): a 3x3 conv has ratio 1.13 on 32x32, 1.27 on 16x16, 1.56 on 8x8; dilation
+# 6/12/18 on the ASPP maps gives 1.9 and more.
+_CROP_FWD_RATIO = 1.4
+_CROP_DW_RATIO = 1.2
+# Weight-gradient matmuls over a few taps at once get at least this many columns: XLA:CPU matmuls
+# that contract over all pixels run far below peak when both outer sizes are small (64x64).
+_DW_MIN_WIDTH = 192
+
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+_TN = (((0,), (0,)), ((), ()))  # dot_general: contract the leading (pixel) axis of both operands
 
 
-def _resolve(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """The implementation ('xla' or 'gemm') that `impl` runs on `platform`.
+
+  `platform` is a JAX platform name ('cpu', 'cuda', 'rocm', 'tpu'); default `jax.default_backend()`.
+  Raises ValueError naming the choices for an unknown `impl`.
+  """
   if impl not in IMPLS:
     raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}')
-  return 'xla' if impl == 'auto' else impl
+  if impl != 'auto':
+    return impl
+  return 'gemm' if (platform or jax.default_backend()) == 'cpu' else 'xla'
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, impl: str = 'auto') -> jax.Array:
-  """Stride-1 'SAME' convolution of `x` (B,H,W,Cin) with `kernel` (kh,kw,Cin,Cout), odd kh, kw."""
-  _resolve(impl)
+  """Stride-1 'SAME' convolution of `x` (B,H,W,Cin) with `kernel` (kh,kw,Cin,Cout), odd kh, kw.
+
+  out[b, h, w] = sum_{i,j} x[b, h + d*(i - (kh-1)/2), w + d*(j - (kw-1)/2)] @ kernel[i, j] with
+  d = `dilation` and zeros outside the map (cross-correlation, like `lax.conv` and PyTorch).
+  """
+  resolve_impl(impl)
+  kh, kw = kernel.shape[:2]
+  if kh % 2 == 0 or kw % 2 == 0:
+    raise ValueError(f'conv2d needs odd kernel sizes, got {kh}x{kw}')
+  if x.dtype != kernel.dtype:
+    raise TypeError(f'conv2d needs x and kernel of one dtype, got {x.dtype} and {kernel.dtype}')
+  xla_fn = functools.partial(_conv_xla, dilation=dilation)
+  gemm_fn = functools.partial(_conv_gemm, dilation=dilation)
+  if impl == 'xla':
+    return xla_fn(x, kernel)
+  if impl == 'gemm':
+    return gemm_fn(x, kernel)
+  return lax.platform_dependent(x, kernel, cpu=gemm_fn, default=xla_fn)
+
+
+def _conv_xla(x, kernel, dilation):
   return lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding='SAME', rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=_DIMS)
+
+
+def _taps(kernel_shape, map_shape, dilation):
+  """(i, j, oy, ox) for the taps whose offset (oy, ox) reaches inside the map.
+
+  Tap (i, j) reads x at offset oy = d*(i - (kh-1)/2), ox = d*(j - (kw-1)/2); a tap with
+  |oy| >= H or |ox| >= W only ever reads zero padding and contributes nothing.
+  """
+  (kh, kw), (h, w) = kernel_shape[:2], map_shape
+  ci, cj = (kh - 1) // 2, (kw - 1) // 2
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      oy, ox = dilation * (i - ci), dilation * (j - cj)
+      if abs(oy) < h and abs(ox) < w:
+        taps.append((i, j, oy, ox))
+  return taps
+
+
+def _pads(taps):
+  return max(abs(t[2]) for t in taps), max(abs(t[3]) for t in taps)
+
+
+def _pad_ratio(taps, h, w):
+  ph, pw = _pads(taps)
+  return (h + 2 * ph) * (w + 2 * pw) / (h * w)
+
+
+def _acc_type(dtype):
+  """Accumulation dtype of the 'gemm' matmuls: float32 for 16-bit inputs, else the input dtype."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _conv_gemm(x, kernel, dilation):
+  taps = _taps(kernel.shape, x.shape[1:3], dilation)
+  if len(taps) == 1:
+    # A 1x1 kernel, or only the centre tap reaches the map: one matmul, on 2-D operands so that
+    # its weight gradient is a plain (pixels, Cin)^T @ (pixels, Cout) matmul without transposes.
+    i, j = taps[0][:2]
+    b, h, w, c = x.shape
+    y = jnp.matmul(x.reshape(-1, c), kernel[i, j], preferred_element_type=_acc_type(x.dtype))
+    return y.reshape(b, h, w, -1).astype(x.dtype)
+  return _gemm_conv(x, kernel, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gemm_conv(x, kernel, dilation):
+  """`conv2d` with the weight gradient as matmuls; forward/input gradient by map size (module doc)."""
+  taps = _taps(kernel.shape, x.shape[1:3], dilation)
+  if _pad_ratio(taps, *x.shape[1:3]) < _CROP_FWD_RATIO:
+    return _conv_xla(x, kernel, dilation)
+  return _tap_sum(x, [(kernel[i, j], oy, ox) for i, j, oy, ox in taps])
+
+
+def _gemm_conv_fwd(x, kernel, dilation):
+  return _gemm_conv(x, kernel, dilation), (x, kernel)
+
+
+def _gemm_conv_bwd(dilation, res, g):
+  x, kernel = res
+  h, w = x.shape[1:3]
+  taps = _taps(kernel.shape, (h, w), dilation)
+  ratio = _pad_ratio(taps, h, w)
+  if ratio < _CROP_FWD_RATIO:
+    # The transpose of a stride-1 SAME conv: the same conv of g with the kernel flipped and
+    # its in/out channels swapped.
+    dx = _conv_xla(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), dilation)
+  else:
+    dx = _tap_sum(g, [(kernel[i, j].T, -oy, -ox) for i, j, oy, ox in taps])
+  dw_fn = _dw_shifted if ratio < _CROP_DW_RATIO else _dw_cropped
+  per_tap = dict(zip([t[:2] for t in taps], dw_fn(x, g, taps)))
+  zero = jnp.zeros(kernel.shape[2:], per_tap[taps[0][:2]].dtype)  # for taps that only see padding
+  kh, kw = kernel.shape[:2]
+  dw = jnp.stack([per_tap.get((i, j), zero) for i in range(kh) for j in range(kw)])
+  return dx, dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
+
+
+def _crop(a, oy, ox):
+  """The part of map `a` (B,H,W,C) that a tap with offset (oy, ox) reads: a[:, oy:H+oy, ox:W+ox] ∩ a."""
+  h, w = a.shape[1:3]
+  return a[:, max(0, oy):h + min(0, oy), max(0, ox):w + min(0, ox)]
+
+
+def _tap_sum(a, terms):
+  """sum over (m, oy, ox) in `terms` of a[b, h+oy, w+ox] @ m, zero outside the map.
+
+  Each tap is one matmul over the region where the shifted map overlaps the output, placed back
+  by zero padding: no work is spent on padding. Used for the forward (terms: kernel taps) and the
+  input gradient (terms: transposed taps at negated offsets) on small maps.
+  """
+  acc = _acc_type(a.dtype)
+  out = None
+  for m, oy, ox in terms:
+    part = jnp.matmul(_crop(a, oy, ox), m, preferred_element_type=acc)
+    part = jnp.pad(part, ((0, 0), (max(0, -oy), max(0, oy)), (max(0, -ox), max(0, ox)), (0, 0)))
+    out = part if out is None else out + part
+  return out.astype(a.dtype)
+
+
+def _dw_cropped(x, g, taps):
+  """Weight gradient per tap: dW[i, j] = sum over the overlap of x[p + (oy, ox)]^T g[p].
+
+  One matmul per tap over exactly the pixel pairs that meet (for small maps and large dilations,
+  where most of a padded map is zeros).
+  """
+  c, o = x.shape[-1], g.shape[-1]
+  acc = _acc_type(x.dtype)
+  out = []
+  for _, _, oy, ox in taps:
+    xs = _crop(x, oy, ox).reshape(-1, c)
+    gs = _crop(g, -oy, -ox).reshape(-1, o)
+    out.append(lax.dot_general(xs, gs, _TN, preferred_element_type=acc))
+  return out
+
+
+def _dw_shifted(x, g, taps):
+  """Weight gradient as matmuls over shifted rows of the flattened, zero-padded maps.
+
+  With x zero-padded to (B, H+2ph, W+2pw) and flattened to rows, and g placed at the top-left of
+  the same padded grid (zeros elsewhere), tap (oy, ox) pairs row r of g with row r + off of x,
+  off = (ph+oy)*(W+2pw) + (pw+ox); rows of g outside the real map are zero, so pairs that wrap
+  across padded rows or images contribute nothing. So dW[tap] = x_rows[off:off+n]^T @ g_rows[:n]:
+  one contiguous slice per tap and no transposes.
+
+  The operand with fewer channels is the shifted one, and the slices of `group` taps are laid side
+  by side into one matmul at least `_DW_MIN_WIDTH` wide (far faster than 64-wide ones). The groups
+  run in a `lax.scan`, so only one group's copy is alive at a time (unrolled, XLA builds them all
+  first: 2.6x the temporary memory at 128x128x64).
+  """
+  b, h, w, c = x.shape
+  o = g.shape[-1]
+  ph, pw = _pads(taps)
+  wp = w + 2 * pw
+  rows = b * (h + 2 * ph) * wp
+  offs = [(ph + oy) * wp + (pw + ox) for _, _, oy, ox in taps]
+  n = rows - max(offs)
+  x_rows = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))).reshape(rows, c)
+  g_rows = jnp.pad(g, ((0, 0), (0, 2 * ph), (0, 2 * pw), (0, 0))).reshape(rows, o)
+  shift_x = c <= o
+  if shift_x:
+    fixed, shifted, starts, length, width = g_rows[:n], x_rows, offs, n, c
+  else:
+    # Pair g row r - off with x row r: g shifted down by off (zeros in front).
+    top = max(offs)
+    fixed, length, width = x_rows, rows, o
+    shifted = jnp.pad(g_rows, ((top, 0), (0, 0)))
+    starts = [top - off for off in offs]
+  group = min(len(taps), math.ceil(_DW_MIN_WIDTH / width))
+  while len(taps) % group:
+    group -= 1
+  acc = _acc_type(x.dtype)
+
+  def one_group(_, group_starts):
+    cols = jnp.zeros((length, group * width), x.dtype)
+    for k in range(group):
+      part = lax.dynamic_slice_in_dim(shifted, group_starts[k], length)
+      cols = lax.dynamic_update_slice_in_dim(cols, part, k * width, axis=1)
+    if shift_x:
+      return None, lax.dot_general(cols, fixed, _TN, preferred_element_type=acc).reshape(group, c, o)
+    dw = lax.dot_general(fixed, cols, _TN, preferred_element_type=acc)
+    return None, dw.reshape(c, group, o).swapaxes(0, 1)
+
+  _, dw = lax.scan(one_group, None, jnp.array(starts, jnp.int32).reshape(-1, group))
+  return list(dw.reshape(len(taps), c, o))
 
 
 def upsample_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Transposed convolution with kernel size == stride (no overlap), as one matmul + depth-to-space.
 
-  `kernel` is (s, s, Cin, Cout): out[b, s*h + i, s*w + j] = x[b, h, w] @ kernel[i, j]
-  (PyTorch `ConvTranspose2d(k=s, stride=s)` with weight (Cin, Cout, s, s) permuted to (s, s, Cin, Cout)).
+  `kernel` is (s, s2, Cin, Cout): out[b, s*h + i, s2*w + j] = x[b, h, w] @ kernel[i, j].
+  PyTorch `ConvTranspose2d(Cin, Cout, kernel_size=s, stride=s)` with weight W (Cin, Cout, s, s)
+  is this with kernel = W.permute(2, 3, 0, 1); `lax.conv_transpose(x, kernel[::-1, ::-1], (s, s2),
+  'VALID')` (NHWC/HWIO) is too, with the taps flipped. XLA:CPU runs that transposed convolution
+  and its gradients far slower (seconds) than this (B*H*W, Cin) @ (Cin, s*s2*Cout) matmul, whose
+  gradients are two matmuls after one transpose of the output gradient; it also beats the
+  equivalent single einsum, whose gradients transpose more (benchmarks/ops.py).
   """
-  b, h, w, _ = x.shape
+  b, h, w, cin = x.shape
   s, s2, _, cout = kernel.shape
-  y = jnp.einsum('bhwc,ijco->bhiwjo', x, kernel)
-  return y.reshape(b, h * s, w * s2, cout)
+  y = x.reshape(b * h * w, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, s * s2 * cout)
+  return y.reshape(b, h, w, s, s2, cout).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s2, cout)
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 max-pool as a reshape-max (much faster than reduce_window on XLA:CPU)."""
+  """2x2 stride-2 max-pool (B,H,W,C) -> (B,H//2,W//2,C); an odd last row/column is dropped.
+
+  Equals `flax.linen.max_pool(x, (2, 2), (2, 2))` (padding 'VALID') and PyTorch's
+  `max_pool2d(x, 2)` in value and gradient, including ties: each window's output gradient goes
+  entirely to its first maximal element in row-major window order, (0,0), (0,1), (1,0), (1,1)
+  (a NaN counts as maximal, as the output is then NaN). A reshape-max is much faster than
+  `reduce_window` on XLA:CPU; its own autodiff gradient would split ties evenly, so the gradient
+  is written out here (also 2-3x faster than that autodiff).
+  """
+  return _windows(x).max(axis=(2, 4))
+
+
+def _windows(x):
   b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, g):
+  win = _windows(x)
+  hit = (win == win.max(axis=(2, 4), keepdims=True)) | jnp.isnan(win)
+  h00, h01, h10, h11 = hit[:, :, 0, :, 0], hit[:, :, 0, :, 1], hit[:, :, 1, :, 0], hit[:, :, 1, :, 1]
+  first = (h00, h01 & ~h00, h10 & ~(h00 | h01), h11 & ~(h00 | h01 | h10))
+  g00, g01, g10, g11 = (jnp.where(m, g, jnp.zeros((), g.dtype)) for m in first)
+  dx = jnp.stack([jnp.stack([g00, g01], axis=3), jnp.stack([g10, g11], axis=3)], axis=2)
+  b, h, w, c = x.shape
+  dx = dx.reshape(b, h // 2 * 2, w // 2 * 2, c)
+  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)

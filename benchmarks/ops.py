@@ -1,0 +1,160 @@
+"""Per-op benchmark of `ecm_jax.ops`: each kernel shape of a U-Net 64..1024, timed per `conv_impl`.
+
+  python benchmarks/ops.py --size 128 --batch 4 --repeats 5
+
+For every distinct conv shape of the network (plain U-Net; with --ec the 1x3/3x1 branches of the
+encoder; with --aspp the CoAG-MuSFu 1x1 and dilated 3x3 convs at the bottleneck), and for
+`upsample_patches` and `max_pool_2x2`, it times the forward and the forward+backward
+(value and gradients w.r.t. input and kernel of a random linear functional), jitted, each impl
+interleaved with the others, median of --repeats after a warm-up. Prints a markdown table with
+GFLOP/s (nominal: all taps of the kernel, as `lax.conv` counts them), the speed-up of each impl
+over 'xla', the time per training step summed over the layers (count x fwd+bwd), and the
+machine's GEMM peak measured in the same run.
+"""
+
+import argparse
+import pathlib
+import platform
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import measure_gemm_peak, median, time_interleaved  # noqa: E402
+from ecm_jax import ops  # noqa: E402
+
+FEATURES = (64, 128, 256, 512, 1024)
+
+
+def conv_layers(size, in_channels, features, ec, aspp, mus_channels=256, rates=(6, 12, 18)):
+  """(name, H, Cin, Cout, kh, kw, dilation, count) for the convs of the network at `size`."""
+  layers = []
+  cin = in_channels
+  for level, f in enumerate(features):  # encoder: two 3x3 convs per level
+    h = size >> level
+    for k, c in enumerate((cin, f)):
+      layers.append((f'enc{level}.{k}', h, c, f, 3, 3, 1, 1))
+      if ec:
+        layers.append((f'enc{level}.{k} ec1x3', h, c, f, 1, 3, 1, 1))
+        layers.append((f'enc{level}.{k} ec3x1', h, c, f, 3, 1, 1, 1))
+    cin = f
+  for level in reversed(range(len(features) - 1)):  # decoder: after upsampling and concat
+    h, f = size >> level, features[level]
+    layers.append((f'dec{level}.0', h, 2 * f, f, 3, 3, 1, 1))
+    layers.append((f'dec{level}.1', h, f, f, 3, 3, 1, 1))
+  layers.append(('head 1x1', size, features[0], 1, 1, 1, 1, 1))
+  if aspp:
+    h, c = size >> (len(features) - 1), features[-1]
+    layers.append(('aspp 1x1', h, c, mus_channels, 1, 1, 1, 1))
+    for r in rates:
+      layers.append((f'aspp d{r}', h, c, mus_channels, 3, 3, r, 1))
+    layers.append(('aspp proj 1x1', h, 5 * mus_channels + c, c, 1, 1, 1, 1))
+    layers.append(('fusion 1x1', h, 2 * c, c, 1, 1, 1, 1))
+  merged = {}  # identical shapes are timed once, with a count
+  for name, *shape, count in layers:
+    key = tuple(shape)
+    if key in merged:
+      merged[key][1] += count
+    else:
+      merged[key] = [name, count]
+  return [(name, *key, count) for key, (name, count) in merged.items()]
+
+
+def fwd_and_grad(fn, x, params):
+  """Jitted forward, and forward + gradients w.r.t. x and params of <fn(x, params), r>."""
+  r = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(fn, x, params).shape, x.dtype)
+  fwd = jax.jit(fn)
+  both = jax.jit(jax.value_and_grad(lambda x, p, r: jnp.vdot(fn(x, p), r), argnums=(0, 1)))
+  return (lambda: fwd(x, params)), (lambda: both(x, params, r))
+
+
+def time_row(variants, x, params, repeats):
+  """{variant: (fwd seconds, fwd+bwd seconds)}, all variants interleaved."""
+  thunks = {}
+  for name, fn in variants.items():
+    thunks[name, 'fwd'], thunks[name, 'both'] = fwd_and_grad(fn, x, params)
+  t = time_interleaved(thunks, repeats)
+  return {name: (median(t[name, 'fwd']), median(t[name, 'both'])) for name in variants}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--size', type=int, default=128)
+  p.add_argument('--batch', type=int, default=4)
+  p.add_argument('--in-channels', type=int, default=1)
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--impls', default='xla,gemm', help='comma-separated conv impls; the first is the baseline')
+  p.add_argument('--dtype', default='float32')
+  p.add_argument('--no-ec', dest='ec', action='store_false', help='leave out the EC 1x3/3x1 convs')
+  p.add_argument('--no-aspp', dest='aspp', action='store_false', help='leave out the ASPP/fusion convs')
+  p.add_argument('--only', default='', help='regex: time only the rows whose layer name matches')
+  args = p.parse_args()
+  impls = args.impls.split(',')
+  for impl in impls:
+    ops.resolve_impl(impl)
+  dtype = jnp.dtype(args.dtype)
+  key = jax.random.PRNGKey(0)
+
+  peak = measure_gemm_peak()
+  print(f'# ops benchmark: {args.size}x{args.size}, batch {args.batch}, {dtype.name}, '
+        f'median of {args.repeats}, impls interleaved')
+  print(f'jax {jax.__version__}, backend {jax.default_backend()}, {platform.processor() or platform.machine()}, '
+        f"'auto' -> {ops.resolve_impl('auto')}; GEMM peak (2048^3 matmul) {peak:.0f} GFLOP/s\n")
+  cols = ' | '.join(f'{i} fwd ms | {i} f+b ms | {i} f+b GF/s' for i in impls)
+  speed = ' | '.join(f'{i}/{impls[0]} f+b' for i in impls[1:])
+  print(f'| layer | x (B,H,W,C) | kernel | n | {cols} | {speed} |')
+  print('|' + '---|' * (4 + 3 * len(impls) + len(impls) - 1))
+  totals = {i: 0.0 for i in impls}
+
+  def wanted(label):
+    return re.search(args.only, label) is not None
+
+  def row(label, xshape, kdesc, count, flops, res):
+    cells = []
+    for i in impls:
+      f, b = res[i]
+      totals[i] += count * b
+      gflops = f'{3 * flops / b / 1e9:.0f}' if flops else '-'
+      cells.append(f'{f * 1e3:.1f} | {b * 1e3:.1f} | {gflops}')
+    ups = [f'{res[impls[0]][1] / res[i][1]:.2f}x' for i in impls[1:]]
+    print(f'| {label} | {xshape} | {kdesc} | {count} | ' + ' | '.join(cells + ups) + ' |', flush=True)
+
+  for name, h, cin, cout, kh, kw, d, count in conv_layers(
+      args.size, args.in_channels, FEATURES, args.ec, args.aspp):
+    if not wanted(name):
+      continue
+    x = jax.random.normal(key, (args.batch, h, h, cin), dtype)
+    k = (jax.random.normal(key, (kh, kw, cin, cout)) * (kh * kw * cin) ** -0.5).astype(dtype)
+    variants = {i: (lambda i: lambda x, k: ops.conv2d(x, k, dilation=d, impl=i))(i) for i in impls}
+    flops = 2 * args.batch * h * h * kh * kw * cin * cout
+    row(name, (args.batch, h, h, cin), f'{kh}x{kw}x{cin}x{cout}' + (f' d{d}' if d > 1 else ''),
+        count, flops, time_row(variants, x, k, args.repeats))
+
+  # Not conv_impl-dependent: one implementation, the same time in every column.
+  for level in range(len(FEATURES) - 1):
+    h, c = args.size >> (level + 1), FEATURES[level + 1]
+    if not wanted(f'upsample s2 (dec{level})'):
+      continue
+    x = jax.random.normal(key, (args.batch, h, h, c), dtype)
+    k = jax.random.normal(key, (2, 2, c, c // 2), dtype)
+    res = time_row({'up': ops.upsample_patches}, x, k, args.repeats)['up']
+    row(f'upsample s2 (dec{level})', (args.batch, h, h, c), f'2x2x{c}x{c // 2}', 1,
+        2 * args.batch * h * h * 4 * c * (c // 2), {i: res for i in impls})
+  for level in range(len(FEATURES) - 1):
+    h, c = args.size >> level, FEATURES[level]
+    if not wanted(f'max_pool_2x2 (enc{level})'):
+      continue
+    x = jax.random.normal(key, (args.batch, h, h, c), dtype)
+    res = time_row({'pool': lambda x, _: ops.max_pool_2x2(x)}, x, None, args.repeats)['pool']
+    row(f'max_pool_2x2 (enc{level})', (args.batch, h, h, c), '2x2', 1, 0, {i: res for i in impls})
+
+  print('\nSum over the layers of count x fwd+bwd (s): ' + ', '.join(
+      f'{i} {totals[i]:.2f}' for i in impls) + '; ' + ', '.join(
+      f'{i}/{impls[0]} {totals[impls[0]] / totals[i]:.2f}x' for i in impls[1:]))
+
+
+if __name__ == '__main__':
+  main()

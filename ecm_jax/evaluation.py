@@ -1,0 +1,135 @@
+"""Evaluation of a trained run on a split, and prediction on new scans (what eval.py runs).
+
+Metrics (see ecm_jax/metrics.py for the empty-mask rules):
+- pooled DSC / sensitivity / precision over every pixel of the split's slices at the network's
+  resolution (`data.image_size`): the paper's eqs. (14)-(16);
+- per-slice means over slices with foreground;
+- per case, on the volume reassembled in its original geometry (predictions resized back to the
+  original in-plane size with nearest neighbour, against the original label after the label
+  mapping): 3D Dice, sensitivity, precision and HD95 in mm with the file's voxel spacing.
+"""
+
+import os
+import pathlib
+
+import numpy as np
+from tqdm import tqdm
+
+from ecm_jax import data
+from ecm_jax import metrics
+from ecm_jax import plots
+from ecm_jax import report
+from ecm_jax.data import preprocess
+from ecm_jax.data import readers
+from ecm_jax.inference import Predictor
+
+NUM_PICTURE_SLICES = 4  # best and worst test slices shown in the overlay pictures
+
+
+def _write_prediction_atomic(mask_slices, meta, out_path: pathlib.Path) -> None:
+  tmp = out_path.with_name('.tmp-' + out_path.name)
+  data.write_prediction(mask_slices, meta, tmp)
+  os.replace(tmp, out_path)
+
+
+def _original_label(meta, config) -> np.ndarray:
+  """The case's label slices (N,H,W) at original resolution, after the label mapping."""
+  files = readers.CaseFiles(meta.case_id, pathlib.Path(meta.image_path),
+                            pathlib.Path(meta.label_path))
+  _, label_stack, _ = readers.read_case(files, config)
+  return preprocess.map_labels(label_stack, config, files.label)
+
+
+def evaluate_split(predictor: Predictor, ds, split: str, out_dir: pathlib.Path, *,
+                   export_nifti: bool = False) -> dict:
+  """Predicts every case of `split`, writes metrics.json, per_case.csv and pictures to `out_dir`.
+
+  Returns the metrics document (`report.metrics_document`).
+  """
+  config = predictor.config
+  out_dir.mkdir(parents=True, exist_ok=True)
+  if export_nifti:
+    (out_dir / 'predictions').mkdir(exist_ok=True)
+  slice_counts, case_rows, pictures = [], [], []
+  cases = ds.split_cases(split)
+  if not cases:
+    raise data.DataError(f'the {split} split of {ds} has no cases')
+  for case_id in tqdm(cases, desc=f'eval {split}', unit='case'):
+    meta = ds.case_meta(case_id)
+    images, labels = ds.case_arrays(case_id)
+    pred = predictor.predict(np.asarray(images))
+    counts = metrics.confusion_counts(pred, labels, axis=(1, 2))
+    slice_counts.append(counts)
+    pictures += [(case_id, k, counts[k]) for k in range(len(counts))]
+    original_pred = preprocess.resize_nearest(pred, meta.in_plane_shape)
+    row = metrics.case_metrics(original_pred, _original_label(meta, config.data),
+                               meta.stack_spacing)
+    case_rows.append({'case': case_id, **row})
+    if export_nifti:
+      _write_prediction_atomic(pred, meta, out_dir / 'predictions' / f'{case_id}.nii.gz')
+  slice_counts = np.concatenate(slice_counts)
+  document = report.metrics_document(slice_counts, case_rows, split=split,
+                                     checkpoint_step=predictor.step)
+  report.write_eval_outputs(out_dir, document, case_rows)
+  _pictures(predictor, ds, pictures, slice_counts, out_dir)
+  return document
+
+
+def _pictures(predictor: Predictor, ds, pictures, slice_counts, out_dir: pathlib.Path) -> None:
+  """Overlays of the best and worst slices, the CoA attention map of the best, learning curves."""
+  note = 'SYNTHETIC demo data' if ds.synthetic else None
+  best, worst = plots.best_and_worst_slices(slice_counts, NUM_PICTURE_SLICES)
+  for name, chosen in (('best', best), ('worst', worst)):
+    if not len(chosen):
+      continue
+    images, labels, preds, titles = [], [], [], []
+    for index in chosen:
+      case_id, k, counts = pictures[index]
+      case_images, case_labels = ds.case_arrays(case_id)
+      images.append(case_images[k, ..., 0])
+      labels.append(case_labels[k])
+      preds.append(predictor.predict(np.asarray(case_images[k:k + 1]))[0])
+      titles.append(f'{case_id} slice {k}: Dice {float(metrics.dice(counts)):.3f}')
+    plots.overlay_grid(images, labels, preds, out_dir / f'overlay_{name}.png', titles,
+                       f'{name.capitalize()} slices (green: ground truth, magenta: prediction)',
+                       subtitle=note)
+  if len(best):
+    case_id, k, _ = pictures[best[0]]
+    case_images, case_labels = ds.case_arrays(case_id)
+    maps = predictor.attention(np.asarray(case_images[k]))
+    if 'coa_output' in maps:
+      plots.attention_map(case_images[k, ..., 0], maps['coa_output'], out_dir / 'attention.png',
+                          f'CoA activation |F_A|, {case_id} slice {k}', label=case_labels[k],
+                          subtitle=note)
+  jsonl = predictor.workdir / 'metrics.jsonl'
+  if jsonl.exists():
+    plots.learning_curves(jsonl, out_dir / 'learning_curves.png', subtitle=note)
+
+
+def scan_paths(path) -> list[pathlib.Path]:
+  """A .nii/.nii.gz file, or every such file in a folder (sorted)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    found = sorted(p for p in path.iterdir()
+                   if p.name.endswith(('.nii', '.nii.gz')) and not p.name.startswith('._'))
+    if not found:
+      raise data.DataError(f'{path}: no .nii or .nii.gz files in this folder')
+    return found
+  if not path.exists():
+    raise data.DataError(f'{path}: no such file or folder')
+  return [path]
+
+
+def predict_scans(predictor: Predictor, inputs, output_dir) -> list[pathlib.Path]:
+  """Segments new scans: each input NIfTI -> a uint8 mask NIfTI of the same name and geometry."""
+  output_dir = pathlib.Path(output_dir)
+  paths = scan_paths(inputs)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  written = []
+  for path in tqdm(paths, desc='predict', unit='scan'):
+    slices, meta = data.load_scan(path, predictor.config.data)
+    out_path = output_dir / path.name if path.name.endswith('.gz') else output_dir / (
+        path.name + '.gz')
+    _write_prediction_atomic(predictor.predict(slices), meta, out_path)
+    written.append(out_path)
+  return written

@@ -1,0 +1,252 @@
+"""Layers the networks are built from: convolutions, patch upsampling, BatchNorm, conv blocks, EC.
+
+Every 2D convolution goes through `ecm_jax.ops` (`conv2d`, `upsample_patches`) so the kernels can be
+swapped by `conv_impl` without touching the modules. Parameters are float32 and cast to the compute
+dtype at use; BatchNorm statistics are float32 whatever the compute dtype.
+
+Initialisation follows PyTorch's defaults (the paper's framework): kernels and biases uniform in
++-1/sqrt(fan_in), with fan_in computed as PyTorch does (for transposed convolutions from the output
+channels); BatchNorm scale 1, bias 0, running mean 0, running var 1.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ecm_jax import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+  """What every layer of a model shares, from `config.model`.
+
+  dtype: compute dtype (params stay float32). conv_impl: `ops` kernel choice.
+  bn_momentum: flax convention, running = m * running + (1 - m) * batch (0.9 = PyTorch 0.1).
+  bn_axis_name: mapped axis for cross-replica BatchNorm statistics under `shard_map` (None: the
+    statistics of the array as seen, which under `jit` with a sharded batch is the global batch).
+  """
+  dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  bn_axis_name: str | None = None
+
+  def batch_norm(self, name: str, dtype: Any = None) -> 'BatchNorm':
+    """A `BatchNorm` with these constants (output dtype `dtype`, default the compute dtype)."""
+    return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                     axis_name=self.bn_axis_name, dtype=dtype or self.dtype, name=name)
+
+
+def torch_kernel_init(in_axis: int = -2, out_axis: int = -1) -> nn.initializers.Initializer:
+  """PyTorch's default weight init, kaiming_uniform(a=sqrt(5)): uniform in +-1/sqrt(fan_in)."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's default bias init: uniform in +-1/sqrt(fan_in)."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv2D(nn.Module):
+  """Stride-1 'SAME' 2D convolution through `ops.conv2d`: params `kernel` (kh,kw,Cin,Cout), `bias`."""
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  dilation: int = 1
+  use_bias: bool = False
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    fan_in = kh * kw * x.shape[-1]
+    kernel = self.param('kernel', torch_kernel_init(), (kh, kw, x.shape[-1], self.features),
+                        jnp.float32)
+    dtype = self.settings.dtype
+    y = ops.conv2d(x.astype(dtype), kernel.astype(dtype), dilation=self.dilation,
+                   impl=self.settings.conv_impl)
+    if self.use_bias:
+      y = y + self.param('bias', torch_bias_init(fan_in), (self.features,), jnp.float32).astype(dtype)
+    return y
+
+
+class PatchUpsample(nn.Module):
+  """Transposed convolution with kernel == stride (`ConvTranspose2d(k=s, stride=s)`), `ops.upsample_patches`.
+
+  Each input pixel becomes an s x s patch: (B,H,W,Cin) -> (B,sH,sW,features). Kernel (s,s,Cin,Cout).
+  """
+  features: int
+  scale: int = 2
+  use_bias: bool = True
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = self.scale
+    # PyTorch stores a transposed-conv weight as (Cin, Cout, s, s) and takes fan_in from dim 1.
+    kernel = self.param('kernel', torch_kernel_init(in_axis=-1, out_axis=-2),
+                        (s, s, x.shape[-1], self.features), jnp.float32)
+    dtype = self.settings.dtype
+    y = ops.upsample_patches(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias = self.param('bias', torch_bias_init(self.features * s * s), (self.features,), jnp.float32)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Conv1D(nn.Module):
+  """1D convolution of a sequence (B, L, Cin), PyTorch `Conv1d(k, stride, padding=(k-1)//2)`, float32.
+
+  Only the channel-correlation attention uses it (on a length-C sequence: tiny), so it calls
+  `lax.conv_general_dilated` directly. Kernel (k, Cin, Cout).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', torch_kernel_init(), (k, x.shape[-1], self.features), jnp.float32)
+    pad = (k - 1) // 2
+    y = lax.conv_general_dilated(x.astype(jnp.float32), kernel, window_strides=(self.stride,),
+                                 padding=[(pad, pad)], dimension_numbers=('NWC', 'WIO', 'NWC'),
+                                 precision=lax.Precision.HIGHEST)
+    if self.use_bias:
+      y = y + self.param('bias', torch_bias_init(k * x.shape[-1]), (self.features,), jnp.float32)
+    return y
+
+
+class PatchUpsample1D(nn.Module):
+  """1D transposed convolution with kernel == stride (`ConvTranspose1d(k=s, stride=s, bias=False)`), float32.
+
+  (B, L, Cin) -> (B, sL, features): out[b, s*l + i] = x[b, l] @ kernel[i]. Kernel (s, Cin, Cout).
+  """
+  features: int
+  scale: int = 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = self.scale
+    kernel = self.param('kernel', torch_kernel_init(in_axis=-1, out_axis=-2),
+                        (s, x.shape[-1], self.features), jnp.float32)
+    b, length, _ = x.shape
+    y = jnp.einsum('blc,sco->blso', x.astype(jnp.float32), kernel, precision=lax.Precision.HIGHEST)
+    return y.reshape(b, length * s, self.features)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over every axis but the last, with PyTorch's exact semantics.
+
+  Train mode normalises with the batch mean and the biased batch variance mean((x - mean)^2); the
+  running statistics are updated as running = momentum * running + (1 - momentum) * batch, with the
+  *unbiased* variance (n / (n - 1)) for `var`, as `torch.nn.BatchNorm*d` does (flax momentum 0.9 =
+  PyTorch 0.1). Eval mode uses the running statistics. Statistics and the normalisation are
+  computed in float32; the output is cast to `dtype`. With `axis_name` the statistics are averaged
+  over that mapped axis (cross-replica BatchNorm under `shard_map`).
+
+  Variables: params `scale`, `bias`; batch_stats `mean`, `var` (all (C,), float32).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      count = math.prod(x.shape[:-1])
+      mean = jnp.mean(x32, axis=axes)
+      if self.axis_name is not None:
+        mean = lax.pmean(mean, self.axis_name)
+        count *= lax.axis_size(self.axis_name)
+      if count < 2:
+        raise ValueError(f'BatchNorm in train mode needs more than 1 value per channel (as PyTorch), '
+                         f'got input shape {x.shape}: use a batch of at least 2 when training')
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if self.axis_name is not None:
+        var = lax.pmean(var, self.axis_name)
+      if not self.is_initializing():
+        m = self.momentum
+        running_mean.value = m * running_mean.value + (1 - m) * mean
+        running_var.value = m * running_var.value + (1 - m) * var * (count / (count - 1))
+    else:
+      mean, var = running_mean.value, running_var.value
+    y = (x32 - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+    return y.astype(self.dtype)
+
+
+class ConvBNReLU(nn.Module):
+  """The plain conv block of U-Net: Conv (no bias, BN follows) -> BatchNorm -> ReLU (SPEC 1)."""
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  dilation: int = 1
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = Conv2D(self.features, self.kernel_size, self.dilation, settings=self.settings, name='conv')(x)
+    return nn.relu(self.settings.batch_norm('bn')(y, train))
+
+
+# EC branches (ACNet, Ding et al. 2019): name suffix -> kernel size.
+EC_BRANCHES = {'3x3': (3, 3), '1x3': (1, 3), '3x1': (3, 1)}
+
+
+class EnhancedConv(nn.Module):
+  """EC, Enhanced Convolution (Sec. III, Fig. 1a): ReLU(BN(Conv3x3 x) + BN(Conv1x3 x) + BN(Conv3x1 x)).
+
+  Each branch has its own BatchNorm (variables `conv3x3`, `bn3x3`, `conv1x3`, ...). With `folded`
+  (the deploy form made by `ecm_jax.fold.fold_ec`) the block is one 3x3 conv with bias,
+  `conv_folded`, followed by ReLU: the same function in eval mode.
+  """
+  features: int
+  folded: bool = False
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.folded:
+      y = Conv2D(self.features, (3, 3), use_bias=True, settings=self.settings, name='conv_folded')(x)
+    else:
+      y = 0
+      for branch, size in EC_BRANCHES.items():
+        conv = Conv2D(self.features, size, settings=self.settings, name=f'conv{branch}')(x)
+        y = y + self.settings.batch_norm(f'bn{branch}')(conv, train)
+    return nn.relu(y)
+
+
+class DoubleConv(nn.Module):
+  """One U-Net level: two conv blocks (`block0`, `block1`), EC blocks when `ec` (encoder only)."""
+  features: int
+  ec: bool = False
+  ec_folded: bool = False
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for i in range(2):
+      if self.ec:
+        block = EnhancedConv(self.features, self.ec_folded, settings=self.settings, name=f'block{i}')
+      else:
+        block = ConvBNReLU(self.features, settings=self.settings, name=f'block{i}')
+      x = block(x, train)
+    return x

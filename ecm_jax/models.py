@@ -1,0 +1,289 @@
+"""The networks: EC-CaM-UNet with its ablation switches and the baselines of Tables I and V.
+
+`build_model(config.model)` is the one entry point; every row of `configs.default.VARIANTS` is a
+config. The model maps x (B, H, W, in_channels) float32 to a dict: 'logits' (B, H, W, num_classes)
+float32 and, when DWS is on, 'side_logits' of the same shape. Call with `train=True` and
+`mutable=['batch_stats']` to train, `train=False` to predict; `mutable=['intermediates']` also
+returns the attention maps (`attention_maps` picks them out).
+
+Which `config.model` switches each name reads:
+  ec_cam_unet     ec, cc, sc, mus, fusion, dws (every ablation row of Tables II, III, V);
+  unet            dws only: ec_cam_unet with ec, cc, sc and mus off (the same graph);
+  unet_se, unet_cbam, danet, attention_unet, unet_pp
+                  dws only: the published architecture with a plain encoder; DWS, when on, reads
+                  the bottleneck as in EC-CaM-UNet (U-Net++: node X^{4,0}).
+
+Summary table (parameters, forward GFLOPs per image from XLA cost analysis, output shapes):
+  python -m ecm_jax.models --config configs/kits.py [--variants unet,ec_cam_unet]
+"""
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ecm_jax import ops
+from ecm_jax.attention import (CBAM, AttentionGate, DualAttention, SqueezeExcitation)
+from ecm_jax.bottleneck import FUSIONS, CoAGMuSFu
+from ecm_jax.layers import Conv2D, DoubleConv, LayerSettings, PatchUpsample
+from ecm_jax.side_output import SideOutput
+
+MODEL_NAMES = ('ec_cam_unet', 'unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+SC_SCALES = ('none', 'rsqrt_c')
+DEPTH = 5  # encoder levels (four 2x2 max-pools); DWS upsamples by 2 * 2 * 4 = 16
+ATTENTION_MAP_NAMES = ('sc_attention', 'cc_weights', 'coa_output')
+# XLA:CPU spends most of an init's compile time optimising one threefry random-number kernel per
+# parameter (minutes for these models); init runs once, so `init_variables` compiles it unoptimised
+# (the tests compile their tiny-shape programs the same way: compile time dominates there).
+FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0,
+                         'xla_llvm_disable_expensive_passes': True}
+
+
+def check_input(x: jax.Array, in_channels: int, depth: int) -> None:
+  """Raises ValueError unless x is (B, H, W, in_channels) with H, W divisible by 2**(depth-1)."""
+  if x.ndim != 4:
+    raise ValueError(f'input x must have rank 4 (B, H, W, C), got shape {tuple(x.shape)}')
+  if x.shape[-1] != in_channels:
+    raise ValueError(f'input x has {x.shape[-1]} channels (last axis) but model.in_channels is '
+                     f'{in_channels}; shape {tuple(x.shape)}')
+  factor = 2**(depth - 1)
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f'input H and W must be divisible by {factor} ({depth - 1} 2x2 max-pools), '
+                     f'got H={x.shape[1]}, W={x.shape[2]}')
+
+
+class Encoder(nn.Module):
+  """U-Net encoder: `level{i}` = two conv blocks (EC blocks when `ec`), 2x2 max-pool between levels.
+
+  Returns every level's output (the skips; the last is the bottleneck feature F).
+  """
+  features: Sequence[int]
+  ec: bool = False
+  ec_folded: bool = False
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
+    levels = []
+    for i, width in enumerate(self.features):
+      if i:
+        x = ops.max_pool_2x2(x)
+      x = DoubleConv(width, self.ec, self.ec_folded, self.settings, name=f'level{i}')(x, train)
+      levels.append(x)
+    return levels
+
+
+class DecoderStage(nn.Module):
+  """One decoder level: ConvTranspose2x2 stride 2 (with bias) to `features` (`upsample`), the skip
+  (through an additive attention gate `gate` when `attention_gate`) concatenated before the
+  upsampled map, two plain conv blocks (`convs`)."""
+  features: int
+  attention_gate: bool = False
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
+    up = PatchUpsample(self.features, 2, settings=self.settings, name='upsample')(x)
+    if self.attention_gate:
+      skip = AttentionGate(max(self.features // 2, 1), self.settings, name='gate')(skip, up, train)
+    merged = jnp.concatenate([skip, up], axis=-1)
+    return DoubleConv(self.features, settings=self.settings, name='convs')(merged, train)
+
+
+class UNet(nn.Module):
+  """U-Net (Ronneberger et al. 2015) with a block at the bottleneck: EC-CaM-UNet (Fig. 1) and the
+  U-Net baselines.
+
+  `encoder` (EC blocks when `ec`) -> `bottleneck` on the last level (CoA-MuSFu, SE, CBAM, DA-Net
+  head; None: identity) -> `decoder{i}` (attention gates on the skips when `attention_gates`) ->
+  Conv1x1 with bias (`head`). `side_output` (DWS, Fig. 2d) reads the bottleneck output.
+  """
+  features: Sequence[int] = (64, 128, 256, 512, 1024)
+  in_channels: int = 1
+  num_classes: int = 1
+  ec: bool = False
+  ec_folded: bool = False
+  bottleneck: nn.Module | None = None
+  attention_gates: bool = False
+  side_output: nn.Module | None = None
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    check_input(x, self.in_channels, len(self.features))
+    s = self.settings
+    levels = Encoder(tuple(self.features), self.ec, self.ec_folded, s, name='encoder')(
+        x.astype(s.dtype), train)
+    y = levels[-1]
+    if self.bottleneck is not None:
+      y = self.bottleneck(y, train)
+    outputs = {}
+    if self.side_output is not None:
+      outputs['side_logits'] = self.side_output(y, train)
+    for i in reversed(range(len(self.features) - 1)):
+      y = DecoderStage(self.features[i], self.attention_gates, s, name=f'decoder{i}')(
+          y, levels[i], train)
+    logits = Conv2D(self.num_classes, (1, 1), use_bias=True, settings=s, name='head')(y)
+    outputs['logits'] = logits.astype(jnp.float32)
+    return outputs
+
+
+class UNetPlusPlus(nn.Module):
+  """U-Net++ (Zhou et al. 2018): nested dense skips, one final head (no deep supervision).
+
+  Node X^{i,j} (`x{i}_{j}`, two plain conv blocks, width features[i]) takes
+  concat(X^{i,0}, ..., X^{i,j-1}, Up(X^{i+1,j-1})); X^{i,0} is the encoder (2x2 max-pool between
+  levels). Up (`up{i+1}_{j-1}`) is ConvTranspose2x2 stride 2 to features[i], as in our U-Net decoder.
+  The head (`head`) reads X^{0,4}; `side_output` (DWS) reads the bottleneck node X^{4,0}.
+  """
+  features: Sequence[int] = (64, 128, 256, 512, 1024)
+  in_channels: int = 1
+  num_classes: int = 1
+  side_output: nn.Module | None = None
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    check_input(x, self.in_channels, len(self.features))
+    s, depth = self.settings, len(self.features)
+    nodes = {}
+    y = x.astype(s.dtype)
+    for i, width in enumerate(self.features):
+      if i:
+        y = ops.max_pool_2x2(y)
+      y = nodes[i, 0] = DoubleConv(width, settings=s, name=f'x{i}_0')(y, train)
+    for j in range(1, depth):
+      for i in range(depth - j):
+        up = PatchUpsample(self.features[i], 2, settings=s, name=f'up{i + 1}_{j - 1}')(
+            nodes[i + 1, j - 1])
+        merged = jnp.concatenate([nodes[i, k] for k in range(j)] + [up], axis=-1)
+        nodes[i, j] = DoubleConv(self.features[i], settings=s, name=f'x{i}_{j}')(merged, train)
+    outputs = {}
+    if self.side_output is not None:
+      outputs['side_logits'] = self.side_output(nodes[depth - 1, 0], train)
+    logits = Conv2D(self.num_classes, (1, 1), use_bias=True, settings=s, name='head')(
+        nodes[0, depth - 1])
+    outputs['logits'] = logits.astype(jnp.float32)
+    return outputs
+
+
+def build_model(model_config: ml_collections.ConfigDict, *,
+                bn_axis_name: str | None = None) -> nn.Module:
+  """The network `config.model` describes (see the module docstring for what each name reads).
+
+  bn_axis_name: mapped axis name for cross-replica BatchNorm under `shard_map` (not needed under
+    `jit` with a sharded batch, where the statistics are global already).
+  """
+  m = model_config
+  if m.name not in MODEL_NAMES:
+    raise ValueError(f'model.name must be one of {MODEL_NAMES}, got {m.name!r}')
+  if m.dtype not in DTYPES:
+    raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}')
+  if len(m.features) != DEPTH:
+    raise ValueError(f'model.features needs {DEPTH} widths (encoder depth {DEPTH}), '
+                     f'got {tuple(m.features)}')
+  if m.fusion not in FUSIONS:
+    raise ValueError(f'model.fusion must be one of {FUSIONS}, got {m.fusion!r}')
+  if m.sc_scale not in SC_SCALES:
+    raise ValueError(f'model.sc_scale must be one of {SC_SCALES}, got {m.sc_scale!r}')
+  is_ec_cam_unet = m.name == 'ec_cam_unet'
+  if m.ec_folded and not (is_ec_cam_unet and m.ec):
+    raise ValueError('model.ec_folded=True (set by fold_ec) needs model.name=ec_cam_unet with ec=True')
+
+  settings = LayerSettings(DTYPES[m.dtype], m.conv_impl, m.bn_momentum, m.bn_epsilon, bn_axis_name)
+  side_output = SideOutput(tuple(m.side_features), m.num_classes, settings) if m.dws else None
+  common = dict(features=tuple(m.features), in_channels=m.in_channels, num_classes=m.num_classes,
+                side_output=side_output, settings=settings)
+  if m.name == 'unet_pp':
+    return UNetPlusPlus(**common)
+  bottleneck = None
+  if is_ec_cam_unet and (m.cc or m.sc or m.mus):
+    bottleneck = CoAGMuSFu(m.cc, m.sc, m.mus, m.fusion, m.cc_hidden, m.sc_scale, m.mus_channels,
+                           tuple(m.mus_rates), settings)
+  elif m.name == 'unet_se':
+    bottleneck = SqueezeExcitation(m.se_reduction, settings)
+  elif m.name == 'unet_cbam':
+    bottleneck = CBAM(m.se_reduction, settings=settings)
+  elif m.name == 'danet':
+    bottleneck = DualAttention(settings)
+  return UNet(ec=is_ec_cam_unet and m.ec, ec_folded=m.ec_folded, bottleneck=bottleneck,
+              attention_gates=m.name == 'attention_unet', **common)
+
+
+def init_variables(model: nn.Module, key: jax.Array) -> dict:
+  """`model.init(key, x, train=False)` of a `build_model` model, for any valid x, compiled fast.
+
+  No variable depends on the input's batch or spatial size, so this traces the smallest valid
+  input (1, 16, 16, in_channels), and compiles without XLA backend optimisation (same values).
+  """
+  size = 2**(len(model.features) - 1)
+  x = jnp.zeros((1, size, size, model.in_channels), jnp.float32)
+  init = jax.jit(functools.partial(model.init, train=False))
+  return init.lower(key, x).compile(compiler_options=FAST_COMPILE_OPTIONS)(key, x)
+
+
+def attention_maps(intermediates: Mapping) -> dict[str, jax.Array]:
+  """The sow'd maps of an apply with `mutable=['intermediates']`, by name: 'sc_attention' (S,
+  (B,HW,HW)), 'cc_weights' (Theta, (B,C)), 'coa_output' (F_A, (B,H,W,C)); only those the model has."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+  return {path[-1]: values[0] for path, values in flat.items() if path[-1] in ATTENTION_MAP_NAMES}
+
+
+def summary_table(model_configs: Mapping[str, ml_collections.ConfigDict], image_size: int) -> str:
+  """Markdown table: per model, parameter count, forward GFLOPs per image (XLA cost analysis of the
+  compiled eval forward at batch 1, image_size x image_size) and the output shapes. Nothing is
+  allocated at full size: shapes are abstract."""
+  lines = ['| variant | model | parameters | GFLOPs / image | logits | side_logits |',
+           '|---|---|---:|---:|---|---|']
+  for variant, model_config in model_configs.items():
+    model = build_model(model_config)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, model_config.in_channels), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    params = sum(leaf.size for leaf in jax.tree.leaves(variables['params']))
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    flops = forward.lower(variables, x).compile().cost_analysis()['flops']
+    outputs = jax.eval_shape(forward, variables, x)
+    side = outputs['side_logits'].shape if 'side_logits' in outputs else '-'
+    lines.append(f'| {variant} | {model_config.name} | {params:,} | {flops / 1e9:.4g} | '
+                 f'{outputs["logits"].shape} | {side} |')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from configs.default import VARIANTS, get_model_config
+
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/kits.py')
+  _VARIANTS = flags.DEFINE_list('variants', None, 'VARIANTS rows to summarise (default: all)')
+  flags.mark_flag_as_required('config')
+
+  def main(argv):
+    del argv
+    config = _CONFIG.value
+    names = _VARIANTS.value or list(VARIANTS)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+      raise app.UsageError(f'--variants: unknown {unknown}; choose from {", ".join(VARIANTS)}')
+    # Each row is the configured model (widths, sizes, dtype) with the table switches reset to the
+    # defaults and the row's overrides applied, whatever variant the config file selected.
+    defaults = get_model_config()
+    switches = {key for row in VARIANTS.values() for key in row}
+    model_configs = {}
+    for name in names:
+      model_config = ml_collections.ConfigDict(config.model.to_dict())
+      model_config.update({key: defaults[key] for key in switches})
+      model_config.update(VARIANTS[name])
+      model_configs[name] = model_config
+    size = config.data.image_size
+    print(f'Input (1, {size}, {size}, {config.model.in_channels}), '
+          f'features {tuple(config.model.features)}, dtype {config.model.dtype}.\n')
+    print(summary_table(model_configs, size))
+
+  app.run(main)

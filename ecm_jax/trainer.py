@@ -1,0 +1,199 @@
+"""The training loop around the pure step functions: data, validation, checkpoints and logs.
+
+`train_and_evaluate(config, workdir)` is what `train.py` runs. Host work per step is fetching the
+next batch and dispatching the jitted step; metrics are pulled from the devices only every
+`train.log_every_steps` steps (and before each checkpoint, so a NaN is never saved).
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from ecm_jax import checkpoint
+from ecm_jax import data
+from ecm_jax import losses
+from ecm_jax import metrics as metrics_lib
+from ecm_jax import plots
+from ecm_jax import training
+from ecm_jax.models import build_model
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work (named in the message)."""
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training diverged; the last good checkpoint is left in place."""
+
+
+USER_ERRORS = (ConfigError, NonFiniteLossError, data.DataError, checkpoint.WorkdirError)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the loss and train sections (model and data sections check themselves)."""
+  if config.loss.main not in losses.MAIN_LOSSES:
+    raise ConfigError(f'config.loss.main must be one of {losses.MAIN_LOSSES}, got '
+                      f'{config.loss.main!r}')
+  if config.loss.alpha is not None and not 0.0 <= config.loss.alpha <= 1.0:
+    raise ConfigError(f'config.loss.alpha must be in [0, 1] or None, got {config.loss.alpha}')
+  for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'eval_every_epochs',
+              'checkpoint_keep', 'log_every_steps', 'checkpoint_every_steps'):
+    if config.train[key] < 1:
+      raise ConfigError(f'config.train.{key} must be >= 1, got {config.train[key]}')
+  if config.train.max_steps is not None and config.train.max_steps < 1:
+    raise ConfigError(f'config.train.max_steps must be >= 1, got {config.train.max_steps}')
+
+
+class MetricsLog:
+  """`metrics.jsonl`: one JSON object per line, each with its `step`."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+
+  def truncate_after(self, step: int) -> None:
+    """On resume: drop lines a killed run wrote past the checkpoint it resumes from."""
+    if not self.path.exists():
+      return
+    kept = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)['step'] <= step]
+    checkpoint.write_text_atomic(self.path, ''.join(line + '\n' for line in kept))
+
+  def write(self, record: dict) -> None:
+    if jax.process_index() == 0:
+      with self.path.open('a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def _process_slice(batch: dict) -> dict:
+  """This process's rows of a global batch that every process read whole."""
+  n = jax.process_count()
+  rows = len(batch['image']) // n
+  start = jax.process_index() * rows
+  return {k: batch[k][start:start + rows] for k in ('image', 'label', 'valid')}
+
+
+def evaluate(state, ds, split: str, eval_step, mesh, batch_size: int) -> dict:
+  """Pooled Dice / sensitivity / precision (eqs. 14-16) over every slice of `split`."""
+  counts = [eval_step(state, training.shard_batch(_process_slice(batch), mesh))
+            for batch in data.eval_batches(ds, split, batch_size)]
+  return metrics_lib.pooled_metrics(metrics_lib.pool_counts(jax.device_get(counts)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, stop=None,
+                       allow_config_change: bool = False) -> training.TrainState:
+  """Trains (or resumes) the run in `workdir` to `total_steps`; returns the final state."""
+  workdir = pathlib.Path(workdir)
+  validate_config(config)
+  mesh = training.make_mesh()
+  training.check_batch_divisible(config.train.batch_size, mesh)
+  training.check_batch_divisible(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+  try:
+    model = build_model(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  checkpoint.guard_workdir_config(workdir, config, allow_config_change)
+
+  ds = data.prepare(config.data, split_file=workdir / 'splits.json')
+  global_batch = config.train.batch_size
+  steps_per_epoch = len(ds.source('train')) // global_batch
+  if steps_per_epoch < 1:
+    raise data.DataError(f'the train split has {len(ds.source("train"))} slices, fewer than one '
+                         f'batch of {global_batch}')
+  total_steps = config.train.max_steps or config.train.num_epochs * steps_per_epoch
+  eval_every = steps_per_epoch * config.train.eval_every_epochs
+
+  tx = training.make_optimizer(config, total_steps)
+  schedule = training.learning_rate_schedule(config, total_steps)
+  image_shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
+  state = training.replicate(
+      training.create_train_state(model, tx, config.seed, image_shape), mesh)
+  train_step = training.jit_train_step(mesh, model=model, tx=tx, loss_config=config.loss,
+                                       schedule=schedule)
+  eval_step = training.jit_eval_step(mesh, model=model)
+
+  iterator = data.train_iterator(
+      ds, config.data, batch_size=global_batch // jax.process_count(), seed=config.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_keep)
+  log = MetricsLog(workdir / 'metrics.jsonl')
+  start_step = 0
+  if manager.latest_step() is not None:
+    start_step = manager.latest_step()
+    state = checkpoint.restore(manager, start_step, state, iterator)
+    log.truncate_after(start_step)
+    logging.info('resumed from %s at step %d', manager.directory, start_step)
+
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('%s: %d params, %d devices, %d train slices, %d steps/epoch, %d steps',
+               config.model.name, num_params, mesh.devices.size, len(ds.source('train')),
+               steps_per_epoch, total_steps)
+
+  pending = []  # step metrics still on device
+  last_saved = start_step
+  tick, tick_step = time.perf_counter(), start_step
+
+  def flush(step: int) -> dict:
+    """Pulls pending step metrics to the host, logs them, stops on a non-finite loss."""
+    nonlocal pending, tick, tick_step
+    if not pending:
+      return {}
+    fetched = jax.device_get(pending)
+    pending = []
+    first = step - len(fetched) + 1
+    for offset, m in enumerate(fetched):
+      record = {'step': first + offset, **{f'train/{k}': float(v) for k, v in m.items()}}
+      if not np.isfinite(record['train/loss']):
+        raise NonFiniteLossError(
+            f'non-finite loss {record["train/loss"]} at step {record["step"]}; stopping. The last '
+            f'good checkpoint (step {manager.latest_step()}) is in {manager.directory}.')
+      log.write(record)
+    now = time.perf_counter()
+    images_per_s = (step - tick_step) * global_batch / max(now - tick, 1e-9)
+    tick, tick_step = now, step
+    return {'loss': record['train/loss'], 'lr': record['train/lr'], 'img/s': images_per_s}
+
+  def save(step: int, val_metrics: dict | None = None) -> None:
+    nonlocal last_saved
+    flush(step)
+    checkpoint.save(manager, step, state, iterator,
+                    None if val_metrics is None else {'val_dice': val_metrics['dice']})
+    last_saved = step
+
+  progress = tqdm(total=total_steps, initial=start_step, desc='train', unit='step',
+                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = training.shard_batch(next(iterator), mesh)
+      state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
+      progress.update(1)
+      if step % config.train.log_every_steps == 0 or step == total_steps:
+        progress.set_postfix({k: f'{v:.3g}' for k, v in flush(step).items()}, refresh=False)
+      if step % eval_every == 0 or step == total_steps:
+        flush(step)
+        val = evaluate(state, ds, 'val', eval_step, mesh, config.train.eval_batch_size)
+        log.write({'step': step, **{f'val/{k}': v for k, v in val.items()}})
+        progress.write(f'step {step}: val dice {val["dice"]:.4f}', file=sys.stderr)
+        save(step, val)
+        if jax.process_index() == 0:
+          plots.learning_curves(log.path, workdir / 'learning_curves.png')
+      elif step % config.train.checkpoint_every_steps == 0:
+        save(step)
+      if stop:
+        if last_saved != step:
+          save(step)
+        progress.write(f'{stop.signal_name}: saved step {step} to {manager.directory}; exiting.',
+                       file=sys.stderr)
+        break
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+  return state

@@ -1,0 +1,275 @@
+"""The networks: every VARIANTS row, the switches, input checks, attention maps, bfloat16, init,
+the summary command, and one forward pass at the paper's true shape.
+
+Small widths (4..64) and 32x32 inputs except where stated; jitted programs are compiled with
+`FAST_COMPILE_OPTIONS` (compile time is all the cost at these sizes).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.default import VARIANTS, get_config
+from ecm_jax.attention import SqueezeExcitation
+from ecm_jax.models import attention_maps, build_model, init_variables, summary_table
+from ecm_jax.side_output import SideOutput
+from test_layers import randomized, run_fast
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = dict(features=(4, 8, 16, 32, 64), mus_channels=8, side_features=(8, 8, 4), cc_hidden=4,
+             se_reduction=4)
+
+
+def small_config(variant='ec_cam_unet', **overrides):
+  config = get_config(variant).model
+  config.update(SMALL)
+  config.update(overrides)
+  return config
+
+
+def abstract_variables(model, shape=(2, 32, 32, 1)):
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def param_paths(config):
+  return set(flax.traverse_util.flatten_dict(abstract_variables(build_model(config))['params']))
+
+
+def random_input(shape=(2, 32, 32, 1), seed=1):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def train_and_eval(model, variables, x):
+  """Gradients of a train-mode loss, train outputs and batch_stats, eval outputs and batch_stats."""
+
+  def loss_fn(params):
+    outputs, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                                   train=True, mutable=['batch_stats'])
+    loss = sum(jnp.mean(jnp.square(logits)) for logits in outputs.values())
+    return loss, (outputs, updates['batch_stats'])
+
+  grads, (train_outputs, train_stats) = jax.grad(loss_fn, has_aux=True)(variables['params'])
+  eval_outputs, eval_updates = model.apply(variables, x, train=False, mutable=['batch_stats'])
+  return grads, train_outputs, train_stats, eval_outputs, eval_updates['batch_stats']
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_variant_initialises_trains_and_evaluates(variant):
+  config = small_config(variant)
+  model = build_model(config)
+  x = random_input()
+  shapes = abstract_variables(model)
+  assert set(shapes) == {'params', 'batch_stats'}
+  variables = randomized(shapes, seed=0)
+  grads, train_out, train_stats, eval_out, eval_stats = run_fast(
+      lambda v, x: train_and_eval(model, v, x), variables, x)
+  expected_outputs = {'logits', 'side_logits'} if config.dws else {'logits'}
+  for outputs in (train_out, eval_out):
+    assert set(outputs) == expected_outputs
+    for logits in outputs.values():
+      assert logits.shape == (2, 32, 32, 1) and logits.dtype == jnp.float32
+      assert np.isfinite(logits).all()
+  # Every parameter gets a finite, non-zero gradient (all of them are wired into the outputs).
+  flat_grads = flax.traverse_util.flatten_dict(grads)
+  assert set(flat_grads) == set(flax.traverse_util.flatten_dict(variables['params']))
+  for path, grad in flat_grads.items():
+    assert np.isfinite(grad).all(), path
+    assert np.abs(grad).max() > 0, path
+  # Train mode moves every running statistic; eval mode leaves them exactly as they were.
+  old = flax.traverse_util.flatten_dict(variables['batch_stats'])
+  for path, value in flax.traverse_util.flatten_dict(train_stats).items():
+    assert not np.allclose(value, old[path], rtol=0, atol=1e-7), path
+  jax.tree.map(np.testing.assert_array_equal, eval_stats, variables['batch_stats'])
+
+
+def test_switches_change_the_graph_as_expected():
+  unet = param_paths(small_config('unet'))
+  under = lambda paths, *prefixes: all(any(p[:len(q)] == q for q in prefixes) for p in paths)
+
+  def diff(variant):
+    paths = param_paths(small_config(variant))
+    return paths - unet, unet - paths
+
+  added, removed = diff('unet+cc')
+  assert added and under(added, ('bottleneck', 'coa', 'cc')) and not removed
+  assert diff('unet+sc') == (set(), set())  # SC has no parameters: see the intermediates below
+  added, removed = diff('unet+mus')
+  assert added and under(added, ('bottleneck', 'mus')) and not removed
+  added, removed = diff('unet+dws')
+  assert added and under(added, ('side_output',)) and not removed
+  added, removed = diff('unet+coag_musfu')
+  assert under(added, ('bottleneck', 'coa', 'cc'), ('bottleneck', 'mus'), ('bottleneck', 'fuse'))
+  assert {p[:2] for p in added} == {('bottleneck', 'coa'), ('bottleneck', 'mus'),
+                                    ('bottleneck', 'fuse')} and not removed
+  # EC replaces each encoder block's conv/bn by the three branches; the decoder is untouched.
+  added, removed = diff('unet+ec')
+  assert {p[-2] for p in added} == {'conv3x3', 'bn3x3', 'conv1x3', 'bn1x3', 'conv3x1', 'bn3x1'}
+  assert {p[-2] for p in removed} == {'conv', 'bn'}
+  assert all(p[0] == 'encoder' for p in added | removed)
+  # Fusion: only 'fuse' has the eq. (10) projection.
+  full = param_paths(small_config('ec_cam_unet'))
+  for variant in ('fusion_add', 'fusion_series'):
+    assert full - param_paths(small_config(variant)) == {p for p in full if p[:2] == ('bottleneck', 'fuse')}
+  # SC is in the graph only when on: its map appears among the intermediates.
+  for variant, has_s in (('unet', False), ('unet+sc', True)):
+    model = build_model(small_config(variant))
+    variables = abstract_variables(model)
+    _, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']),
+                              variables, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+    assert ('sc_attention' in attention_maps(state.get('intermediates', {}))) == has_s
+
+
+def test_baselines_have_their_own_blocks():
+  unet = param_paths(small_config('unet'))
+  tops = lambda variant: {p[:2] for p in param_paths(small_config(variant)) - unet}
+  assert tops('unet_se') == {('bottleneck', 'squeeze'), ('bottleneck', 'excite')}
+  assert tops('unet_cbam') == {('bottleneck', n) for n in ('mlp_in', 'mlp_out', 'spatial_conv',
+                                                            'spatial_bn')}
+  assert {p[0] for p in param_paths(small_config('danet')) - unet} == {'bottleneck'}
+  assert tops('attention_unet') == {(f'decoder{i}', 'gate') for i in range(4)}
+  nested = {p[0] for p in param_paths(small_config('unet_pp'))}
+  assert nested == ({f'x{i}_{j}' for i in range(5) for j in range(5 - i)} |
+                    {f'up{i + 1}_{j}' for j in range(4) for i in range(4 - j)} | {'head'})
+
+
+def test_unet_name_builds_the_ec_cam_unet_graph_with_ec_cc_sc_mus_off():
+  config = get_config('ec_cam_unet').model  # every switch on
+  config.name, config.dws = 'unet', False
+  assert build_model(config) == build_model(get_config('unet').model)
+  config.dws = True
+  assert build_model(config) == build_model(get_config('unet+dws').model)
+  assert build_model(config) != build_model(get_config('unet').model)
+
+
+def test_baselines_read_dws_and_ignore_the_ec_cam_switches():
+  model = build_model(small_config('unet_se', dws=True, ec=True, cc=True, sc=True, mus=True))
+  assert isinstance(model.bottleneck, SqueezeExcitation)
+  assert isinstance(model.side_output, SideOutput) and not model.ec
+
+
+@pytest.mark.parametrize('shape,message', [
+    ((32, 32, 1), 'rank 4'),
+    ((2, 32, 32, 3), '3 channels'),
+    ((2, 40, 32, 1), 'divisible by 16'),
+    ((2, 32, 24, 1), 'divisible by 16'),
+])
+@pytest.mark.parametrize('variant', ['ec_cam_unet', 'unet_pp'])
+def test_bad_input_raises_a_clear_error(variant, shape, message):
+  model = build_model(small_config(variant))
+  variables = abstract_variables(model)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                   jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(name='resnet'), 'model.name'),
+    (dict(dtype='float16'), 'model.dtype'),
+    (dict(fusion='concat'), 'model.fusion'),
+    (dict(sc_scale='sqrt'), 'model.sc_scale'),
+    (dict(features=(4, 8, 16, 32)), 'model.features'),
+    (dict(name='unet', ec_folded=True), 'ec_folded'),
+])
+def test_bad_model_config_raises_a_clear_error(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    build_model(small_config(**overrides))
+
+
+def test_attention_maps_have_the_documented_shapes():
+  model = build_model(small_config())
+  x = random_input((2, 64, 64, 1))
+  variables = randomized(abstract_variables(model, x.shape), seed=0)
+  outputs, state = run_fast(
+      lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']), variables, x)
+  maps = attention_maps(state['intermediates'])
+  assert set(maps) == {'sc_attention', 'cc_weights', 'coa_output'}
+  assert maps['sc_attention'].shape == (2, 16, 16)  # bottleneck 4x4: HW = 16
+  assert maps['cc_weights'].shape == (2, 64)
+  assert maps['coa_output'].shape == (2, 4, 4, 64)
+  np.testing.assert_allclose(maps['sc_attention'].sum(-1), 1.0, atol=1e-6)
+  assert ((maps['cc_weights'] > 0) & (maps['cc_weights'] < 1)).all()
+  # Off by default: a plain apply returns the outputs only.
+  plain = run_fast(lambda v, x: model.apply(v, x, train=False), variables, x)
+  np.testing.assert_array_equal(plain['logits'], outputs['logits'])
+
+
+def test_bfloat16_compute_returns_float32_close_to_float32():
+  x = random_input()
+  float32_model = build_model(small_config())
+  bfloat16_model = build_model(small_config(dtype='bfloat16'))
+  variables = randomized(abstract_variables(float32_model), seed=0)
+  ref, out = run_fast(lambda v, x: (float32_model.apply(v, x, train=False),
+                                    bfloat16_model.apply(v, x, train=False)), variables, x)
+  for name in ('logits', 'side_logits'):
+    assert out[name].dtype == jnp.float32
+    scale = np.abs(ref[name]).max()
+    # bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 per op), over ~30 layers.
+    assert np.abs(out[name] - ref[name]).max() <= 0.05 * scale, name
+
+
+def test_init_variables_equals_model_init_and_follows_pytorch_init():
+  model = build_model(small_config('unet'))
+  key = jax.random.key(3)
+  x = jnp.zeros((2, 32, 48, 1))
+  variables = init_variables(model, key)
+  reference = run_fast(lambda key, x: model.init(key, x, train=False), key, x)
+  jax.tree.map(np.testing.assert_array_equal, variables, reference)
+  flat = flax.traverse_util.flatten_dict(variables)
+  for path, value in flat.items():
+    collection, name = path[0], path[-1]
+    if name == 'kernel':
+      # Conv: fan_in = kh*kw*Cin; transposed (decoder `upsample`): PyTorch's fan_in = Cout*s*s.
+      fan_in = np.prod(value.shape[:-1]) if path[-2] != 'upsample' else np.prod(
+          value.shape[:2]) * value.shape[-1]
+      assert np.abs(value).max() <= 1 / np.sqrt(fan_in), path
+    elif collection == 'params' and name in ('scale', 'bias') and path[-2] == 'bn':
+      np.testing.assert_array_equal(value, 1.0 if name == 'scale' else 0.0)
+    elif collection == 'batch_stats':
+      np.testing.assert_array_equal(value, 1.0 if name == 'var' else 0.0)
+
+
+def test_summary_table_counts_parameters_and_flops():
+  config = small_config('unet')
+  table = summary_table({'unet': config}, image_size=32)
+  header, rule, row = table.splitlines()
+  assert header.startswith('| variant | model | parameters | GFLOPs / image |')
+  cells = [cell.strip() for cell in row.strip('|').split('|')]
+  params = sum(leaf.size for leaf in jax.tree.leaves(abstract_variables(build_model(config))['params']))
+  assert cells[:3] == ['unet', 'ec_cam_unet', f'{params:,}']
+  assert float(cells[3]) > 0
+  assert cells[4:] == ['(1, 32, 32, 1)', '-']
+
+
+def test_summary_command_line_takes_config_overrides_and_variants():
+  command = [sys.executable, '-m', 'ecm_jax.models', '--config', 'configs/kits.py',
+             '--config.model.features=(4, 8, 16, 32, 64)', '--config.model.mus_channels=8',
+             '--config.model.side_features=(8, 8, 4)', '--config.data.image_size=32',
+             '--variants=unet,unet+dws']
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'PYTHONPATH': str(REPO)})
+  assert result.returncode == 0, result.stderr
+  rows = [line for line in result.stdout.splitlines() if line.startswith('| unet')]
+  assert len(rows) == 2
+  assert rows[0].endswith('| (1, 32, 32, 1) | - |')
+  assert rows[1].endswith('| (1, 32, 32, 1) | (1, 32, 32, 1) |')
+
+
+def test_paper_shape_forward_of_the_full_model():
+  """Full widths 64..1024, input (1, 512, 512, 1), every switch on: eval forward is finite."""
+  config = get_config('ec_cam_unet').model
+  assert (config.ec, config.cc, config.sc, config.mus, config.dws) == (True,) * 5
+  assert config.features == (64, 128, 256, 512, 1024)
+  model = build_model(config)
+  x = random_input((1, 512, 512, 1))
+  variables = randomized(abstract_variables(model, x.shape), seed=0)
+  outputs = run_fast(lambda v, x: model.apply(v, x, train=False), variables, x)
+  assert outputs['logits'].shape == outputs['side_logits'].shape == (1, 512, 512, 1)
+  assert np.isfinite(outputs['logits']).all() and np.isfinite(outputs['side_logits']).all()

@@ -1,0 +1,169 @@
+"""train.py end to end on the built-in synthetic data: exact resume after SIGKILL, clean stop on
+SIGTERM, refusal of a workdir holding another config, NaN stop, and config errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo
+from ecm_jax import checkpoint
+from ecm_jax import trainer
+from ecm_jax import training
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A tiny full EC-CaM-UNet on the synthetic demo data: every feature on, a few seconds a step.
+TINY = {
+    'data.image_size': 32,
+    'data.num_workers': 0,
+    'model.features': (4, 8, 8, 16, 16),
+    'model.mus_channels': 4,
+    'model.side_features': (8, 4, 4),
+    'model.cc_hidden': 2,
+    'train.batch_size': 2,
+    'train.eval_batch_size': 8,
+    'train.max_steps': 12,
+    'train.checkpoint_every_steps': 3,
+    'train.log_every_steps': 1,
+    'train.learning_rate': 1e-3,
+}
+
+
+def _train_cmd(tmp, workdir, *extra):
+  flags = [f'--config.{k}={v}' for k, v in TINY.items()]
+  return [sys.executable, str(REPO / 'train.py'), '--config', str(REPO / 'configs/demo.py'),
+          '--workdir', str(workdir), f'--config.data.cache_dir={tmp / "cache"}', *flags, *extra]
+
+
+def _env(tmp):
+  """Two simulated devices; one compilation cache for the runs of a test module."""
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+              JAX_COMPILATION_CACHE_DIR=str(tmp / 'xla-cache'))
+
+
+def _losses(workdir):
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return {r['step']: r['train/loss'] for r in map(json.loads, lines) if 'train/loss' in r}
+
+
+def _final_params(workdir):
+  manager = checkpoint.checkpoint_manager(pathlib.Path(workdir), 2, read_only=True)
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, restored['state']['params']
+
+
+def _start(cmd, tmp, log_path):
+  """train.py in the background, its output to a file (a full pipe would block it)."""
+  with open(log_path, 'w') as log:
+    return subprocess.Popen(cmd, env=_env(tmp), stdout=subprocess.DEVNULL, stderr=log, text=True)
+
+
+def _wait_for_step(workdir, step, proc, log_path, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f'train.py exited early:\n{pathlib.Path(log_path).read_text()}')
+    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    if path.exists() and max(_losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise AssertionError(f'step {step} not reached')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('run')
+  workdir = tmp / 'full'
+  subprocess.run(_train_cmd(tmp, workdir), env=_env(tmp), check=True, capture_output=True, text=True)
+  return tmp, workdir
+
+
+def test_uninterrupted_run_writes_everything(uninterrupted):
+  _, workdir = uninterrupted
+  assert sorted(_losses(workdir)) == list(range(1, 13))
+  for name in ('config.json', 'splits.json', 'metrics.jsonl', 'learning_curves.png'):
+    assert (workdir / name).exists(), name
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert any('val/dice' in r for r in records)
+  assert json.loads((workdir / 'config.json').read_text())['train']['max_steps'] == 12
+
+
+def test_sigkill_then_resume_gives_the_same_run(uninterrupted):
+  tmp, full = uninterrupted
+  workdir = tmp / 'killed'
+  proc = _start(_train_cmd(tmp, workdir), tmp, tmp / 'killed.log')
+  _wait_for_step(workdir, 7, proc, tmp / 'killed.log')  # past the checkpoint of step 6, before that of step 9
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  subprocess.run(_train_cmd(tmp, workdir), env=_env(tmp), check=True, capture_output=True, text=True)
+  expected, got = _losses(full), _losses(workdir)
+  assert sorted(got) == list(range(1, 13))
+  np.testing.assert_array_equal([got[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)])
+  step_a, params_a = _final_params(full)
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == 12
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_and_exits_cleanly(uninterrupted):
+  tmp, _ = uninterrupted
+  workdir = tmp / 'terminated'
+  log = tmp / 'terminated.log'
+  proc = _start(_train_cmd(tmp, workdir, '--config.train.checkpoint_every_steps=100'), tmp, log)
+  _wait_for_step(workdir, 2, proc, log)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  err = log.read_text()
+  assert proc.returncode == 0, err
+  assert 'SIGTERM: saved step' in err
+  step, _ = _final_params(workdir)
+  assert 2 <= step < 12
+
+
+def test_workdir_with_another_config_is_refused(uninterrupted):
+  tmp, full = uninterrupted
+  before = sorted(p.name for p in (full / 'checkpoints').iterdir())
+  result = subprocess.run(_train_cmd(tmp, full, '--config.train.learning_rate=0.5'), env=_env(tmp),
+                          capture_output=True, text=True)
+  assert result.returncode == 2
+  assert 'holds a run with a different config' in result.stderr
+  assert 'train.learning_rate: 0.001 -> 0.5' in result.stderr
+  assert sorted(p.name for p in (full / 'checkpoints').iterdir()) == before
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+  result = subprocess.run(_train_cmd(tmp_path, tmp_path / 'w', '--config.train.bogus=1'),
+                          env=_env(tmp_path), capture_output=True, text=True)
+  assert result.returncode != 0
+  assert 'bogus' in result.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  """A loss that turns NaN at step 5 stops the run; the checkpoint of step 3 stays the latest."""
+  config = demo.get_config('unet')  # the cheapest graph: this test is about the loop
+  config.update_from_flattened_dict(dict(TINY, **{'data.cache_dir': str(tmp_path / 'cache')}))
+  real_train_step = training.train_step
+
+  def diverging_step(state, batch, **kw):
+    state, m = real_train_step(state, batch, **kw)
+    m['loss'] = jnp.where(state.step >= 5, jnp.nan, m['loss'])
+    return state, m
+
+  monkeypatch.setattr(training, 'train_step', diverging_step)
+  with pytest.raises(trainer.NonFiniteLossError, match=r'non-finite loss nan at step 5'):
+    trainer.train_and_evaluate(config, tmp_path / 'w')
+  manager = checkpoint.checkpoint_manager(tmp_path / 'w', 2, read_only=True)
+  assert manager.latest_step() == 3
