@@ -15,6 +15,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (optional: checked against '
@@ -33,6 +34,8 @@ _FOLD = flags.DEFINE_bool('fold', True, 'Use the EC fold (one 3x3 conv per EC bl
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   if _PREDICT.value and not _OUTPUT.value:
     raise app.UsageError('--predict needs --output (a folder for the masks)')
   from ecm_jax import checkpoint, data, evaluation, report  # pylint: disable=g-import-not-at-top

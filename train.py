@@ -67,6 +67,8 @@ class StopRequested:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
   maybe_initialize_distributed()
   from ecm_jax import trainer, training  # pylint: disable=g-import-not-at-top  (after distributed init)
   training.enable_compilation_cache()

@@ -18,5 +18,5 @@ def get_config(variant: str = 'ec_cam_unet'):
   config.model.side_features = (32, 16, 8)
   # A few minutes on 2 CPU cores: the paper's lr 1e-5 over 150 epochs would take hours here.
   config.train.learning_rate = 1e-3
-  config.train.num_epochs = 6  # 48 steps an epoch at batch 4
+  config.train.num_epochs = 12  # 48 steps an epoch at batch 4
   return config

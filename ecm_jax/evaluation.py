@@ -89,18 +89,18 @@ def _pictures(predictor: Predictor, ds, pictures, slice_counts, out_dir: pathlib
       images.append(case_images[k, ..., 0])
       labels.append(case_labels[k])
       preds.append(predictor.predict(np.asarray(case_images[k:k + 1]))[0])
-      titles.append(f'{case_id} slice {k}: Dice {float(metrics.dice(counts)):.3f}')
+      titles.append(f'{case_id}\nslice {k}: Dice {float(metrics.dice(counts)):.3f}')
     plots.overlay_grid(images, labels, preds, out_dir / f'overlay_{name}.png', titles,
                        f'{name.capitalize()} slices (green: ground truth, magenta: prediction)',
                        subtitle=note)
-  if len(best):
+  model = predictor.config.model
+  if len(best) and model.name == 'ec_cam_unet' and (model.cc or model.sc):  # CoA present
     case_id, k, _ = pictures[best[0]]
     case_images, case_labels = ds.case_arrays(case_id)
-    maps = predictor.attention(np.asarray(case_images[k]))
-    if 'coa_output' in maps:
-      plots.attention_map(case_images[k, ..., 0], maps['coa_output'], out_dir / 'attention.png',
-                          f'CoA activation |F_A|, {case_id} slice {k}', label=case_labels[k],
-                          subtitle=note)
+    coa_output = predictor.attention(np.asarray(case_images[k]))['coa_output']
+    plots.attention_map(case_images[k, ..., 0], coa_output, out_dir / 'attention.png',
+                        f'CoA activation |F_A|, {case_id} slice {k}', label=case_labels[k],
+                        subtitle=note)
   jsonl = predictor.workdir / 'metrics.jsonl'
   if jsonl.exists():
     plots.learning_curves(jsonl, out_dir / 'learning_curves.png', subtitle=note)

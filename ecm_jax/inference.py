@@ -85,4 +85,4 @@ class Predictor:
     """The sow'd attention maps (S, Theta, F_A) of one slice (S,S,C), from the unfolded model."""
     _, state = self.model.apply(self.variables, jnp.asarray(image)[None], train=False,
                                 mutable=['intermediates'])
-    return {k: np.asarray(v[0]) for k, v in attention_maps(state['intermediates']).items()}
+    return {k: np.asarray(v[0]) for k, v in attention_maps(state.get('intermediates', {})).items()}

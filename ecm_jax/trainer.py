@@ -13,7 +13,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from ecm_jax import checkpoint
@@ -49,6 +48,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.train.{key} must be >= 1, got {config.train[key]}')
   if config.train.max_steps is not None and config.train.max_steps < 1:
     raise ConfigError(f'config.train.max_steps must be >= 1, got {config.train.max_steps}')
+
+
+def _say(message: str) -> None:
+  """A status line on stderr (process 0 only)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 class MetricsLog:
@@ -128,12 +133,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     start_step = manager.latest_step()
     state = checkpoint.restore(manager, start_step, state, iterator)
     log.truncate_after(start_step)
-    logging.info('resumed from %s at step %d', manager.directory, start_step)
+    _say(f'resumed from {manager.directory} at step {start_step}')
 
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('%s: %d params, %d devices, %d train slices, %d steps/epoch, %d steps',
-               config.model.name, num_params, mesh.devices.size, len(ds.source('train')),
-               steps_per_epoch, total_steps)
+  _say(f'{config.model.name} ({config.variant}): {num_params:,} params on {mesh.devices.size} '
+       f'device(s); {ds}: {len(ds.source("train"))} train slices, {steps_per_epoch} steps/epoch, '
+       f'{total_steps} steps')
 
   pending = []  # step metrics still on device
   last_saved = start_step

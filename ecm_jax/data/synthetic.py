@@ -47,7 +47,7 @@ def ensure_dataset(config) -> pathlib.Path:
         raise
     finally:
       shutil.rmtree(temporary, ignore_errors=True)
-  logging.info('using SYNTHETIC demo data (not real anatomy) at %s', root)
+  logging.warning('using SYNTHETIC demo data (not real anatomy) at %s', root)
   return root
 
 
