@@ -7,9 +7,11 @@ encoder; with --aspp the CoAG-MuSFu 1x1 and dilated 3x3 convs at the bottleneck)
 `upsample_patches` and `max_pool_2x2`, it times the forward and the forward+backward
 (value and gradients w.r.t. input and kernel of a random linear functional), jitted, each impl
 interleaved with the others, median of --repeats after a warm-up. Prints a markdown table with
-GFLOP/s (nominal: all taps of the kernel, as `lax.conv` counts them), the speed-up of each impl
-over 'xla', the time per training step summed over the layers (count x fwd+bwd), and the
-machine's GEMM peak measured in the same run.
+GFLOP/s (nominal: all taps of the kernel, as `lax.conv` counts them; taps that only see padding
+are skipped by 'gemm', so its figure can exceed the peak), the speed-up of each impl over the
+first, the conv time per training step summed over the layers (count x fwd+bwd) per group, and
+the machine's GEMM peak measured in the same run. The upsampling and pooling ops are compared
+with the library forms they replace (einsum; flax.linen.max_pool).
 """
 
 import argparse
@@ -18,6 +20,7 @@ import platform
 import re
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,37 +33,45 @@ FEATURES = (64, 128, 256, 512, 1024)
 
 
 def conv_layers(size, in_channels, features, ec, aspp, mus_channels=256, rates=(6, 12, 18)):
-  """(name, H, Cin, Cout, kh, kw, dilation, count) for the convs of the network at `size`."""
+  """(group, name, H, Cin, Cout, kh, kw, dilation, count) for the convs of the network at `size`.
+
+  group: 'unet' (the plain U-Net), 'ec' (EC 1x3/3x1 branches), 'aspp' (MuS + fusion 1x1 convs).
+  Identical shapes within a group are listed once, with a count.
+  """
   layers = []
   cin = in_channels
   for level, f in enumerate(features):  # encoder: two 3x3 convs per level
     h = size >> level
     for k, c in enumerate((cin, f)):
-      layers.append((f'enc{level}.{k}', h, c, f, 3, 3, 1, 1))
+      layers.append(('unet', f'enc{level}.{k}', h, c, f, 3, 3, 1))
       if ec:
-        layers.append((f'enc{level}.{k} ec1x3', h, c, f, 1, 3, 1, 1))
-        layers.append((f'enc{level}.{k} ec3x1', h, c, f, 3, 1, 1, 1))
+        layers.append(('ec', f'enc{level}.{k} 1x3', h, c, f, 1, 3, 1))
+        layers.append(('ec', f'enc{level}.{k} 3x1', h, c, f, 3, 1, 1))
     cin = f
   for level in reversed(range(len(features) - 1)):  # decoder: after upsampling and concat
     h, f = size >> level, features[level]
-    layers.append((f'dec{level}.0', h, 2 * f, f, 3, 3, 1, 1))
-    layers.append((f'dec{level}.1', h, f, f, 3, 3, 1, 1))
-  layers.append(('head 1x1', size, features[0], 1, 1, 1, 1, 1))
+    layers.append(('unet', f'dec{level}.0', h, 2 * f, f, 3, 3, 1))
+    layers.append(('unet', f'dec{level}.1', h, f, f, 3, 3, 1))
+  layers.append(('unet', 'head 1x1', size, features[0], 1, 1, 1, 1))
   if aspp:
     h, c = size >> (len(features) - 1), features[-1]
-    layers.append(('aspp 1x1', h, c, mus_channels, 1, 1, 1, 1))
+    layers.append(('aspp', 'aspp 1x1', h, c, mus_channels, 1, 1, 1))
     for r in rates:
-      layers.append((f'aspp d{r}', h, c, mus_channels, 3, 3, r, 1))
-    layers.append(('aspp proj 1x1', h, 5 * mus_channels + c, c, 1, 1, 1, 1))
-    layers.append(('fusion 1x1', h, 2 * c, c, 1, 1, 1, 1))
-  merged = {}  # identical shapes are timed once, with a count
-  for name, *shape, count in layers:
-    key = tuple(shape)
-    if key in merged:
-      merged[key][1] += count
-    else:
-      merged[key] = [name, count]
-  return [(name, *key, count) for key, (name, count) in merged.items()]
+      layers.append(('aspp', f'aspp d{r}', h, c, mus_channels, 3, 3, r))
+    layers.append(('aspp', 'aspp proj 1x1', h, 5 * mus_channels + c, c, 1, 1, 1))
+    layers.append(('aspp', 'fusion 1x1', h, 2 * c, c, 1, 1, 1))
+  merged = {}
+  for group, name, *shape in layers:
+    key = (group, *shape)
+    merged.setdefault(key, [name, 0])[1] += 1
+  return [(key[0], name, *key[1:], count) for key, (name, count) in merged.items()]
+
+
+def upsample_einsum(x, kernel):
+  """Reference for `upsample_patches`: the same function as a single einsum (its earlier form)."""
+  b, h, w, _ = x.shape
+  s, s2, _, cout = kernel.shape
+  return jnp.einsum('bhwc,ijco->bhiwjo', x, kernel).reshape(b, h * s, w * s2, cout)
 
 
 def fwd_and_grad(fn, x, params):
@@ -107,53 +118,55 @@ def main():
   speed = ' | '.join(f'{i}/{impls[0]} f+b' for i in impls[1:])
   print(f'| layer | x (B,H,W,C) | kernel | n | {cols} | {speed} |')
   print('|' + '---|' * (4 + 3 * len(impls) + len(impls) - 1))
-  totals = {i: 0.0 for i in impls}
+  totals = {}  # group -> impl -> seconds of count x fwd+bwd
 
   def wanted(label):
     return re.search(args.only, label) is not None
 
-  def row(label, xshape, kdesc, count, flops, res):
-    cells = []
-    for i in impls:
-      f, b = res[i]
-      totals[i] += count * b
-      gflops = f'{3 * flops / b / 1e9:.0f}' if flops else '-'
-      cells.append(f'{f * 1e3:.1f} | {b * 1e3:.1f} | {gflops}')
-    ups = [f'{res[impls[0]][1] / res[i][1]:.2f}x' for i in impls[1:]]
-    print(f'| {label} | {xshape} | {kdesc} | {count} | ' + ' | '.join(cells + ups) + ' |', flush=True)
-
-  for name, h, cin, cout, kh, kw, d, count in conv_layers(
+  for group, name, h, cin, cout, kh, kw, d, count in conv_layers(
       args.size, args.in_channels, FEATURES, args.ec, args.aspp):
     if not wanted(name):
       continue
     x = jax.random.normal(key, (args.batch, h, h, cin), dtype)
     k = (jax.random.normal(key, (kh, kw, cin, cout)) * (kh * kw * cin) ** -0.5).astype(dtype)
     variants = {i: (lambda i: lambda x, k: ops.conv2d(x, k, dilation=d, impl=i))(i) for i in impls}
+    res = time_row(variants, x, k, args.repeats)
     flops = 2 * args.batch * h * h * kh * kw * cin * cout
-    row(name, (args.batch, h, h, cin), f'{kh}x{kw}x{cin}x{cout}' + (f' d{d}' if d > 1 else ''),
-        count, flops, time_row(variants, x, k, args.repeats))
+    cells = []
+    for i in impls:
+      f, b = res[i]
+      totals.setdefault(group, dict.fromkeys(impls, 0.0))[i] += count * b
+      cells.append(f'{f * 1e3:.1f} | {b * 1e3:.1f} | {3 * flops / b / 1e9:.0f}')
+    cells += [f'{res[impls[0]][1] / res[i][1]:.2f}x' for i in impls[1:]]
+    kdesc = f'{kh}x{kw}x{cin}x{cout}' + (f' d{d}' if d > 1 else '')
+    print(f'| {name} | {(args.batch, h, h, cin)} | {kdesc} | {count} | ' + ' | '.join(cells) + ' |',
+          flush=True)
 
-  # Not conv_impl-dependent: one implementation, the same time in every column.
+  print('\nSum of count x fwd+bwd over the conv layers (s):')
+  for group, t in totals.items():
+    print(f'- {group}: ' + ', '.join(f'{i} {t[i]:.2f}' for i in impls) + '; ' + ', '.join(
+        f'{i}/{impls[0]} {t[impls[0]] / t[i]:.2f}x' for i in impls[1:]))
+
+  # The other ops have one implementation each; compared with the library form they replace.
+  print('\n| op | x (B,H,W,C) | ours fwd ms | ours f+b ms | reference | ref f+b ms | ref/ours f+b |')
+  print('|---|---|---|---|---|---|---|')
+  others = []
   for level in range(len(FEATURES) - 1):
     h, c = args.size >> (level + 1), FEATURES[level + 1]
-    if not wanted(f'upsample s2 (dec{level})'):
-      continue
-    x = jax.random.normal(key, (args.batch, h, h, c), dtype)
-    k = jax.random.normal(key, (2, 2, c, c // 2), dtype)
-    res = time_row({'up': ops.upsample_patches}, x, k, args.repeats)['up']
-    row(f'upsample s2 (dec{level})', (args.batch, h, h, c), f'2x2x{c}x{c // 2}', 1,
-        2 * args.batch * h * h * 4 * c * (c // 2), {i: res for i in impls})
+    others.append((f'upsample_patches s2 (dec{level})', (h, c), (2, 2, c, c // 2),
+                   ops.upsample_patches, 'einsum', upsample_einsum))
   for level in range(len(FEATURES) - 1):
     h, c = args.size >> level, FEATURES[level]
-    if not wanted(f'max_pool_2x2 (enc{level})'):
+    others.append((f'max_pool_2x2 (enc{level})', (h, c), None, lambda x, _: ops.max_pool_2x2(x),
+                   'flax max_pool', lambda x, _: nn.max_pool(x, (2, 2), strides=(2, 2))))
+  for name, (h, c), kshape, ours, ref_name, ref in others:
+    if not wanted(name):
       continue
     x = jax.random.normal(key, (args.batch, h, h, c), dtype)
-    res = time_row({'pool': lambda x, _: ops.max_pool_2x2(x)}, x, None, args.repeats)['pool']
-    row(f'max_pool_2x2 (enc{level})', (args.batch, h, h, c), '2x2', 1, 0, {i: res for i in impls})
-
-  print('\nSum over the layers of count x fwd+bwd (s): ' + ', '.join(
-      f'{i} {totals[i]:.2f}' for i in impls) + '; ' + ', '.join(
-      f'{i}/{impls[0]} {totals[impls[0]] / totals[i]:.2f}x' for i in impls[1:]))
+    k = None if kshape is None else jax.random.normal(key, kshape, dtype) * c ** -0.5
+    res = time_row({'ours': ours, 'ref': ref}, x, k, args.repeats)
+    print(f"| {name} | {(args.batch, h, h, c)} | {res['ours'][0] * 1e3:.1f} | {res['ours'][1] * 1e3:.1f} "
+          f"| {ref_name} | {res['ref'][1] * 1e3:.1f} | {res['ref'][1] / res['ours'][1]:.2f}x |", flush=True)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""MuS, the atrous spatial pyramid pooling multi-scale block (Sec. III-A-2, Fig. 1c; DeepLabV3 ASPP)."""
+"""MuS, the atrous spatial pyramid pooling multi-scale block (Sec. III-A-2, Fig. 1c; DeepLabV3)."""
 
 from collections.abc import Sequence
 
@@ -36,7 +36,8 @@ class MultiScale(nn.Module):
     s = self.settings
     branches = [ConvBNReLU(self.channels, (1, 1), settings=s, name='conv1x1')(f, train)]
     for i, rate in enumerate(self.rates):
-      branches.append(ConvBNReLU(self.channels, (3, 3), rate, settings=s, name=f'atrous{i}')(f, train))
+      atrous = ConvBNReLU(self.channels, (3, 3), rate, settings=s, name=f'atrous{i}')
+      branches.append(atrous(f, train))
     branches.append(ImagePooling(self.channels, s, name='image_pool')(f, train))
     stacked = jnp.concatenate(branches + [f], axis=-1)
     return ConvBNReLU(f.shape[-1], (1, 1), settings=s, name='project')(stacked, train)

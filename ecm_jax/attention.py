@@ -1,5 +1,5 @@
-"""Attention blocks: the paper's CC, SC and CoA (eqs. 4-9), and the baselines' SE, CBAM, Attention-U-Net
-gate and DA-Net position/channel attention.
+"""Attention blocks: the paper's CC, SC and CoA (eqs. 4-9), and the baselines' SE, CBAM,
+Attention-U-Net gate and DA-Net position/channel attention.
 
 Every block maps NHWC features to features of the same shape (SC returns the map S). Softmaxes and
 global reductions run in float32 whatever the compute dtype. CC, SC and CoA `sow` their maps into the
@@ -159,9 +159,10 @@ class AttentionGate(nn.Module):
   @nn.compact
   def __call__(self, skip: jax.Array, gate: jax.Array, train: bool) -> jax.Array:
     s = self.settings
-    x1 = s.batch_norm('bn_x')(Conv2D(self.inter_features, (1, 1), settings=s, name='w_x')(skip), train)
-    g1 = s.batch_norm('bn_g')(Conv2D(self.inter_features, (1, 1), settings=s, name='w_g')(gate), train)
-    psi = Conv2D(1, (1, 1), settings=s, name='psi')(nn.relu(x1 + g1))
+    one_by_one = lambda features, name: Conv2D(features, (1, 1), settings=s, name=name)
+    x1 = s.batch_norm('bn_x')(one_by_one(self.inter_features, 'w_x')(skip), train)
+    g1 = s.batch_norm('bn_g')(one_by_one(self.inter_features, 'w_g')(gate), train)
+    psi = one_by_one(1, 'psi')(nn.relu(x1 + g1))
     alpha = nn.sigmoid(s.batch_norm('bn_psi')(psi, train))
     return skip * alpha
 

@@ -1,4 +1,4 @@
-"""CoAG-MuSFu, the collaborative-attention-guided multi-scale fusion block at the bottleneck (Sec. III-A)."""
+"""CoAG-MuSFu, collaborative-attention-guided multi-scale fusion at the bottleneck (Sec. III-A)."""
 
 from collections.abc import Sequence
 

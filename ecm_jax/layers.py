@@ -81,7 +81,7 @@ class Conv2D(nn.Module):
 
 
 class PatchUpsample(nn.Module):
-  """Transposed convolution with kernel == stride (`ConvTranspose2d(k=s, stride=s)`), `ops.upsample_patches`.
+  """Transposed conv with kernel == stride (`ConvTranspose2d(k=s, stride=s)`): `ops.upsample_patches`.
 
   Each input pixel becomes an s x s patch: (B,H,W,Cin) -> (B,sH,sW,features). Kernel (s,s,Cin,Cout).
   """
@@ -129,7 +129,7 @@ class Conv1D(nn.Module):
 
 
 class PatchUpsample1D(nn.Module):
-  """1D transposed convolution with kernel == stride (`ConvTranspose1d(k=s, stride=s, bias=False)`), float32.
+  """1D transposed conv with kernel == stride (`ConvTranspose1d(k=s, stride=s, bias=False)`), float32.
 
   (B, L, Cin) -> (B, sL, features): out[b, s*l + i] = x[b, l] @ kernel[i]. Kernel (s, Cin, Cout).
   """
@@ -212,7 +212,7 @@ EC_BRANCHES = {'3x3': (3, 3), '1x3': (1, 3), '3x1': (3, 1)}
 
 
 class EnhancedConv(nn.Module):
-  """EC, Enhanced Convolution (Sec. III, Fig. 1a): ReLU(BN(Conv3x3 x) + BN(Conv1x3 x) + BN(Conv3x1 x)).
+  """EC, Enhanced Convolution (Sec. III, Fig. 1a): ReLU(BN(Conv3x3 x) + BN(Conv1x3 x) + BN(Conv3x1 x))
 
   Each branch has its own BatchNorm (variables `conv3x3`, `bn3x3`, `conv1x3`, ...). With `folded`
   (the deploy form made by `ecm_jax.fold.fold_ec`) the block is one 3x3 conv with bias,

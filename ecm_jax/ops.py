@@ -1,18 +1,26 @@
 """Array-level kernels the layers are built from: convolution, patch upsampling, 2x2 max-pool.
 
 Each takes NHWC inputs and HWIO kernels. Every implementation computes the same function
-(gradient-equivalence tests in tests/test_ops.py); they differ only in speed and memory.
+(gradient-equivalence tests in tests/test_ops.py); they differ only in speed, memory and compile
+time (per-op numbers: benchmarks/ops.py).
 
 Convolution implementations (`impl` of `conv2d`):
   'xla'   plain `lax.conv_general_dilated`, differentiated by JAX. The right choice on GPU/TPU,
           where the library convolutions are fast in all three passes.
-  'gemm'  a `jax.custom_vjp` convolution built for XLA:CPU, where the forward and input-gradient
-          convolutions run near matmul speed but the weight gradient runs 3-5x slower than a
-          matmul of the same size. Here the weight gradient is a few large matmuls over shifted
-          views of the input (see `_dw_shifted`), kernels whose taps reach only zero padding (e.g.
-          ASPP's dilation 12/18 on an 8x8 map) drop those taps, and on small maps, where the zero
-          padding is a large share of the work, every pass is a sum of per-tap matmuls over the
-          overlapping region only (see `_tap_sum`, `_dw_cropped`).
+  'gemm'  a `jax.custom_vjp` convolution for XLA:CPU, whose forward and input-gradient convolutions
+          run near matmul speed but whose weight gradient runs several times slower, and whose
+          convolutions on small maps (8x8 and less) are slow in every pass. Here:
+          - the weight gradient is a few large matmuls over shifted rows of the flattened, padded
+            maps (`_dw_shifted`); on small maps, one matmul per tap over exactly the pixels that
+            meet (`_dw_cropped`);
+          - forward and input gradient stay `lax.conv`, except on small maps and for large
+            dilations (ASPP), where they are sums of per-tap matmuls over the overlapping regions
+            (`_tap_sum`), spending nothing on zero padding;
+          - taps that only ever reach zero padding (dilation 12/18 on an 8x8 map) are dropped; a
+            single remaining tap, or a 1x1 kernel, is one matmul.
+          Costs: about 2.5x the temporary memory of 'xla' for the weight gradient on large maps
+          (one group of shifted rows at a time), and more XLA kernels to compile (about +0.3 to
+          +0.9 s of compile CPU time per conv layer).
   'auto'  'gemm' when the computation is lowered for CPU, 'xla' for any other platform. The choice
           is made per lowering by `lax.platform_dependent` (not by `jax.default_backend()`), so a
           function jitted for a GPU device from a CPU-default process still gets 'xla'.
@@ -30,9 +38,11 @@ IMPLS = ('auto', 'xla', 'gemm')
 
 # Padded-to-real area ratio of a feature map from which the 'gemm' path computes the forward and
 # input gradient as per-tap matmuls over the overlapping regions instead of `lax.conv`, and the
-# weight gradient with per-tap crops instead of shifts of the zero-padded map. Chosen by measurement
-# (benchmarks/ops.py): a 3x3 conv has ratio 1.13 on 32x32, 1.27 on 16x16, 1.56 on 8x8; dilation
-# 6/12/18 on the ASPP maps gives 1.9 and more.
+# weight gradient with per-tap crops instead of shifts of the zero-padded map. A 3x3 conv has
+# ratio 1.13 on 32x32, 1.27 on 16x16, 1.56 on 8x8; dilation 6/12/18 on the ASPP maps 1.9 and more.
+# From interleaved timings of both variants on the U-Net shapes (batch 4): on 16x16 lax.conv's
+# forward and the cropped weight gradient are fastest (shifted: 1.3x slower); on 8x8 the per-tap
+# forward beats lax.conv 2-2.5x and the cropped weight gradient beats the shifted one 1.7x.
 _CROP_FWD_RATIO = 1.4
 _CROP_DW_RATIO = 1.2
 # Weight-gradient matmuls over a few taps at once get at least this many columns: XLA:CPU matmuls
@@ -210,8 +220,8 @@ def _dw_shifted(x, g, taps):
 
   The operand with fewer channels is the shifted one, and the slices of `group` taps are laid side
   by side into one matmul at least `_DW_MIN_WIDTH` wide (far faster than 64-wide ones). The groups
-  run in a `lax.scan`, so only one group's copy is alive at a time (unrolled, XLA builds them all
-  first: 2.6x the temporary memory at 128x128x64).
+  run in a `lax.scan`, so only one group's copy is alive at a time (unrolled, XLA builds all of
+  them first: 224 MB instead of 86 MB of temporaries for a 4x128x128x64 conv; 'xla' needs 34 MB).
   """
   b, h, w, c = x.shape
   o = g.shape[-1]
@@ -246,7 +256,11 @@ def _dw_shifted(x, g, taps):
     dw = lax.dot_general(fixed, cols, _TN, preferred_element_type=acc)
     return None, dw.reshape(c, group, o).swapaxes(0, 1)
 
-  _, dw = lax.scan(one_group, None, jnp.array(starts, jnp.int32).reshape(-1, group))
+  group_starts = jnp.array(starts, jnp.int32).reshape(-1, group)
+  if len(group_starts) == 1:
+    dw = one_group(None, group_starts[0])[1]
+  else:
+    _, dw = lax.scan(one_group, None, group_starts)
   return list(dw.reshape(len(taps), c, o))
 
 

@@ -1,8 +1,8 @@
 """Building blocks against direct NumPy (and PyTorch) computations of their formulas.
 
-Tiny shapes throughout; every jitted program is compiled without XLA backend optimisation
-(`FAST_COMPILE_OPTIONS`): at these sizes compile time is all the cost. Values are compared in
-eval mode with randomised parameters and BatchNorm statistics.
+Tiny shapes throughout; every jitted program is compiled with `models.FAST_COMPILE_OPTIONS`
+(backend optimisation level 1): at these sizes compile time is most of the cost. Values are
+compared in eval mode with randomised parameters and BatchNorm statistics.
 """
 
 import jax
@@ -31,7 +31,8 @@ def run_fast(fn, *args):
 
 def randomized(variables, seed):
   """Variables of the same structure with random values: kernels ~ N(0, 1/fan_in), biases and
-  running means ~ N(0, 0.1^2), BN scales ~ 1 + N(0, 0.2^2), running vars ~ U(0.5, 1.5), DA-Net gammas 0.5."""
+  running means ~ N(0, 0.1^2), BN scales ~ 1 + N(0, 0.2^2), running vars ~ U(0.5, 1.5),
+  DA-Net gammas 0.5."""
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -142,7 +143,8 @@ def test_batch_norm_statistics_are_float32_under_bfloat16():
   bn = BatchNorm(dtype=jnp.bfloat16)
   x = (random_features((4, 3, 3, 2)) * 100 + 1000).astype(jnp.bfloat16)
   variables = bn.init(jax.random.key(0), x, train=False)
-  y, updates = run_fast(lambda v, x: bn.apply(v, x, train=True, mutable=['batch_stats']), variables, x)
+  train_step = lambda v, x: bn.apply(v, x, train=True, mutable=['batch_stats'])
+  y, updates = run_fast(train_step, variables, x)
   assert y.dtype == jnp.bfloat16
   stats = updates['batch_stats']
   assert stats['mean'].dtype == stats['var'].dtype == jnp.float32
@@ -191,7 +193,8 @@ def test_conv_and_patch_upsample_init_follow_pytorch_defaults():
 
   conv_params, up_params = run_fast(init, jax.random.key(0))
   # Conv2d: fan_in = 3*3*16. ConvTranspose2d weight (Cin, Cout, 2, 2): fan_in = Cout*2*2 = 64.
-  for params, shape, bound in ((conv_params, (3, 3, 16, 32), 1 / 12), (up_params, (2, 2, 16, 16), 1 / 8)):
+  for params, shape, bound in ((conv_params, (3, 3, 16, 32), 1 / 12),
+                               (up_params, (2, 2, 16, 16), 1 / 8)):
     kernel = np.asarray(params['kernel'])
     assert kernel.shape == shape
     assert np.abs(kernel).max() <= bound
@@ -231,7 +234,8 @@ def np_channel_correlation(f, params, stats):
   b, length, _ = h.shape
   up = np.einsum('blc,sco->blso', h, params['deconv_up']['kernel']).reshape(b, 2 * length, -1)
   h = np.maximum(np_bn_eval(up, params['bn_up'], stats['bn_up']), 0)
-  return np_sigmoid(np_conv1d(h, params['conv_out']['kernel'], bias=params['conv_out']['bias']))[..., 0]
+  logits = np_conv1d(h, params['conv_out']['kernel'], bias=params['conv_out']['bias'])
+  return np_sigmoid(logits)[..., 0]
 
 
 def test_channel_correlation_equals_numpy_1d_encoder_decoder():

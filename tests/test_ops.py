@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
+from jax import export, lax
 
 from ecm_jax import ops
 
@@ -22,33 +22,37 @@ def _close(actual, desired, rtol):
                              atol=rtol * np.abs(desired).max())
 
 
-def _normal(seed, shape, dtype=jnp.float32):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
+def _normal(seed, shape, dtype=jnp.float32, scale=1.0):
+  # numpy's generator: jax.random would compile a sampler per shape (seconds on this machine).
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
 
 
 # (kh, kw, dilation, H, W, Cin, Cout). Map sizes are chosen so that every code path of the 'gemm'
-# impl runs: lax.conv forward + shifted-row weight gradient (padded/real area < 1.2, e.g. 24x20),
-# lax.conv forward + cropped weight gradient (12x10), per-tap forward/input gradient (8x6 and the
-# dilated ones), a single remaining tap (1x1; dilation 12/18 on 12x10, where the outer taps only
-# see padding), Cin < Cout and Cin > Cout (which operand is shifted), and grouped taps (16+ channels).
+# impl runs (padded/real area ratio in brackets): lax.conv forward + shifted-row weight gradient
+# (< 1.2: 24x20), lax.conv forward + cropped weight gradient (1.2 to 1.4: 14x12), per-tap forward
+# and input gradient (>= 1.4: 8x6 and the dilated ones), some taps only seeing padding (dilation 12
+# on 24x10) or all but the centre one (1x1 and dilation 12/18 on 12x10: one matmul); Cin < Cout
+# and Cin > Cout (the shifted operand), one group of shifted taps and several (in a scan: 40+
+# channels); a single input channel.
 CASES = [
     (3, 3, 1, 24, 20, 3, 8),
     (3, 3, 1, 24, 20, 8, 3),
-    (3, 3, 1, 24, 20, 16, 24),
+    (3, 3, 1, 24, 20, 40, 56),
     (3, 3, 1, 24, 20, 72, 40),
-    (3, 3, 1, 12, 10, 5, 4),
+    (3, 3, 1, 14, 12, 5, 4),
     (3, 3, 1, 8, 6, 4, 7),
     (1, 3, 1, 24, 20, 3, 8),
     (1, 3, 1, 12, 10, 8, 3),
     (3, 1, 1, 24, 20, 8, 3),
-    (3, 1, 1, 12, 10, 3, 8),
+    (3, 1, 1, 14, 12, 3, 8),
     (1, 1, 1, 12, 10, 6, 5),
     (3, 3, 6, 12, 10, 5, 6),
     (3, 3, 6, 8, 8, 6, 5),
     (3, 3, 12, 12, 10, 5, 6),
     (3, 3, 18, 12, 10, 6, 5),
     (3, 3, 12, 24, 20, 4, 4),
-    (3, 3, 1, 12, 10, 1, 8),
+    (3, 3, 12, 24, 10, 4, 4),
+    (3, 3, 1, 24, 20, 1, 8),
 ]
 
 
@@ -60,51 +64,50 @@ def _ids(case):
 def _problem(case, dtype=jnp.float32, batch=2):
   kh, kw, d, h, w, cin, cout = case
   x = _normal(0, (batch, h, w, cin), dtype)
-  kernel = (_normal(1, (kh, kw, cin, cout)) / np.sqrt(kh * kw * cin)).astype(dtype)
+  kernel = _normal(1, (kh, kw, cin, cout), dtype, scale=(kh * kw * cin) ** -0.5)
   r = _normal(2, (batch, h, w, cout), dtype)  # a random linear functional <conv(x), r>
   return x, kernel, r, d
 
 
-def _value_and_grads(impl, dilation, jit):
-  def loss(x, kernel, r):
-    return jnp.vdot(ops.conv2d(x, kernel, dilation=dilation, impl=impl), r)
-  fn = jax.value_and_grad(loss, argnums=(0, 1))
+def _forward_and_grads(impl, dilation, jit):
+  """(x, kernel, r) -> conv(x, kernel) and the gradients of <conv(x, kernel), r> w.r.t. x, kernel."""
+  def fn(x, kernel, r):
+    y, vjp = jax.vjp(lambda x, k: ops.conv2d(x, k, dilation=dilation, impl=impl), x, kernel)
+    return (y, *vjp(r))
   return jax.jit(fn) if jit else fn
 
 
-@pytest.mark.parametrize('case', CASES, ids=_ids)
-def test_gemm_forward_equals_xla(case):
-  x, kernel, _, d = _problem(case)
-  want = ops.conv2d(x, kernel, dilation=d, impl='xla')
-  got = jax.jit(lambda x, k: ops.conv2d(x, k, dilation=d, impl='gemm'))(x, kernel)
-  assert got.shape == want.shape and got.dtype == want.dtype
-  _close(got, want, 1e-5)
-
-
-@pytest.mark.parametrize('jit', [True, False], ids=['jit', 'eager'])
-@pytest.mark.parametrize('case', CASES, ids=_ids)
-def test_gemm_gradients_equal_xla(case, jit):
+def _check_gemm_equals_xla(case, jit):
   x, kernel, r, d = _problem(case)
-  want_v, (want_dx, want_dk) = _value_and_grads('xla', d, jit)(x, kernel, r)
-  got_v, (got_dx, got_dk) = _value_and_grads('gemm', d, jit)(x, kernel, r)
-  _close(got_v, want_v, 1e-5)
+  want_y, want_dx, want_dk = _forward_and_grads('xla', d, True)(x, kernel, r)
+  got_y, got_dx, got_dk = _forward_and_grads('gemm', d, jit)(x, kernel, r)
+  assert got_y.shape == want_y.shape and got_y.dtype == want_y.dtype
+  _close(got_y, want_y, 1e-5)
   _close(got_dx, want_dx, 1e-4)
   _close(got_dk, want_dk, 1e-4)
+
+
+@pytest.mark.parametrize('case', CASES, ids=_ids)
+def test_gemm_forward_and_gradients_equal_xla(case):
+  _check_gemm_equals_xla(case, jit=True)
+
+
+@pytest.mark.parametrize('case', [CASES[0], CASES[4], CASES[10], CASES[11]], ids=_ids)
+def test_gemm_equals_xla_without_jit(case):
+  _check_gemm_equals_xla(case, jit=False)
 
 
 @pytest.mark.parametrize('case', [CASES[0], CASES[3], CASES[5], CASES[11], CASES[14]], ids=_ids)
 def test_gemm_bfloat16_runs_and_stays_close(case):
   x, kernel, r, d = _problem(case, jnp.bfloat16)
-  got_v, (got_dx, got_dk) = jax.jit(_value_and_grads('gemm', d, False))(x, kernel, r)
-  assert got_dx.dtype == jnp.bfloat16 and got_dk.dtype == jnp.bfloat16
-  assert ops.conv2d(x, kernel, dilation=d, impl='gemm').dtype == jnp.bfloat16
+  got = _forward_and_grads('gemm', d, True)(x, kernel, r)
+  assert all(g.dtype == jnp.bfloat16 for g in got)
   # Reference: the same (bf16-valued) inputs in float32 through lax.conv.
-  f32 = [a.astype(jnp.float32) for a in (x, kernel, r)]
-  want_v, (want_dx, want_dk) = _value_and_grads('xla', d, True)(*f32)
-  for got, want in ((got_v, want_v), (got_dx, want_dx), (got_dk, want_dk)):
-    got, want = np.asarray(got, np.float32), np.asarray(want)
-    assert np.all(np.isfinite(got))
-    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+  want = _forward_and_grads('xla', d, True)(*(a.astype(jnp.float32) for a in (x, kernel, r)))
+  for g, w in zip(got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w)
+    assert np.all(np.isfinite(g))
+    assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()
 
 
 def test_auto_resolves_to_gemm_on_cpu():
@@ -116,17 +119,23 @@ def test_auto_resolves_to_gemm_on_cpu():
   assert ops.resolve_impl('xla', 'cpu') == 'xla' and ops.resolve_impl('gemm', 'tpu') == 'gemm'
 
 
-def test_auto_lowers_the_gemm_kernel_on_cpu():
-  """'auto' is chosen when lowering: on CPU its kernel gradient is the matmul one, without conv."""
+def test_auto_is_chosen_by_the_lowering_platform():
+  """'auto' lowers to the matmul weight gradient for CPU and to lax.conv's for GPU/TPU.
+
+  jax.export lowers for a platform without needing its devices; the kernel gradient of 'xla' is a
+  convolution, that of 'gemm' is not.
+  """
   x, kernel, r, d = _problem(CASES[0])
 
-  def kernel_grad_hlo(impl):
-    fn = jax.grad(lambda k, x, r: jnp.vdot(ops.conv2d(x, k, dilation=d, impl=impl), r))
-    return jax.jit(fn).lower(kernel, x, r).compile().as_text()
+  def kernel_grad_convs(impl, platform):
+    fn = jax.jit(jax.grad(lambda k, x, r: jnp.vdot(ops.conv2d(x, k, dilation=d, impl=impl), r)))
+    return export.export(fn, platforms=[platform])(kernel, x, r).mlir_module().count('convolution')
 
-  assert 'convolution(' in kernel_grad_hlo('xla')
-  assert 'convolution(' not in kernel_grad_hlo('gemm')
-  assert 'convolution(' not in kernel_grad_hlo('auto')
+  assert kernel_grad_convs('xla', 'cpu') > 0
+  assert kernel_grad_convs('gemm', 'cpu') == 0
+  assert kernel_grad_convs('auto', 'cpu') == 0
+  for platform in ('cuda', 'rocm', 'tpu'):
+    assert kernel_grad_convs('auto', platform) == kernel_grad_convs('xla', platform) > 0
   _close(jax.grad(lambda k: jnp.vdot(ops.conv2d(x, k), r))(kernel),
          jax.grad(lambda k: jnp.vdot(ops.conv2d(x, k, impl='xla'), r))(kernel), 1e-4)
 
@@ -198,7 +207,7 @@ def test_max_pool_equals_flax(shape):
 
 
 def test_max_pool_ties_send_the_gradient_to_the_first_maximum():
-  x = jnp.maximum(jnp.round(_normal(0, (2, 8, 6, 3))), 0.)  # many ties, e.g. all-zero windows after ReLU
+  x = np.maximum(np.round(_normal(0, (2, 8, 6, 3))), 0.)  # many ties, e.g. all-zero windows after ReLU
   r = _normal(1, (2, 4, 3, 3))
   _, got = _pool_value_and_grad(ops.max_pool_2x2, x, r)
   assert np.all(np.isfinite(got))
@@ -212,7 +221,7 @@ def test_max_pool_ties_send_the_gradient_to_the_first_maximum():
 
 def test_max_pool_ties_match_torch():
   torch = pytest.importorskip('torch')
-  x = np.asarray(jnp.maximum(jnp.round(_normal(0, (2, 8, 6, 3))), 0.))
+  x = np.maximum(np.round(_normal(0, (2, 8, 6, 3))), 0.)
   r = np.asarray(_normal(1, (2, 4, 3, 3)))
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
   (torch.nn.functional.max_pool2d(xt, 2) * torch.from_numpy(r).permute(0, 3, 1, 2)).sum().backward()

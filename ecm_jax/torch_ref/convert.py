@@ -1,4 +1,4 @@
-"""Flax variables <-> torch state_dict of the `ecm_jax.torch_ref.models` mirror, both ways, bit-exact.
+"""Flax variables <-> torch state_dict of the `torch_ref.models` mirror, both ways, bit-exact.
 
 A torch key is the Flax path joined by dots (the mirror uses the Flax module names); values are
 moved by axis permutations only (no arithmetic), so JAX -> torch -> JAX returns the same bits:
@@ -24,8 +24,6 @@ BatchNorm momentum is a constructor constant on both sides, not a variable: the 
 from collections.abc import Mapping
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn
@@ -74,11 +72,11 @@ def _to_torch(value, axes) -> torch.Tensor:
   return torch.from_numpy(np.array(array, copy=True, order='C'))
 
 
-def _to_jax(tensor: torch.Tensor, axes) -> jax.Array:
+def _to_jax(tensor: torch.Tensor, axes) -> np.ndarray:
   array = tensor.detach().cpu().numpy()
   if axes is not None:
     array = array.transpose(np.argsort(axes))
-  return jnp.asarray(array)
+  return np.ascontiguousarray(array)
 
 
 def variables_to_state_dict(model: nn.Module, variables: Mapping,
@@ -88,17 +86,19 @@ def variables_to_state_dict(model: nn.Module, variables: Mapping,
   (e.g. the train step). Raises ValueError when a leaf on either side has no counterpart."""
   flat = flax.traverse_util.flatten_dict(
       {k: flax.core.unfreeze(variables[k]) for k in ('params', 'batch_stats') if k in variables})
+  table = leaf_table(model)
   state = {}
-  for key, (path, axes) in leaf_table(model).items():
+  for key in model.state_dict():  # the model's own order
+    if key.endswith('.num_batches_tracked'):
+      state[key] = torch.tensor(num_batches_tracked, dtype=torch.long)
+      continue
+    path, axes = table[key]
     if path not in flat:
       raise ValueError(f'torch {key} needs Flax variable {"/".join(path)}, which is missing')
     state[key] = _to_torch(flat.pop(path), axes)
   if flat:
     raise ValueError('Flax variables with no torch counterpart: '
                      + ', '.join('/'.join(path) for path in flat))
-  for name, module in model.named_modules():
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-      state[f'{name}.num_batches_tracked'] = torch.tensor(num_batches_tracked, dtype=torch.long)
   return state
 
 
@@ -110,7 +110,8 @@ def load_variables(model: nn.Module, variables: Mapping, num_batches_tracked: in
 
 def state_dict_to_variables(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
   """state_dict of `build_torch_model(c)` (`model`) -> Flax variables {'params', 'batch_stats'}
-  of `build_model(c)` (without batch_stats when the model has no BatchNorm). The inverse of
+  of `build_model(c)` (without batch_stats when the model has no BatchNorm), as numpy arrays (JAX
+  takes them as they are; numpy keeps float64 whatever jax_enable_x64 says). The inverse of
   `variables_to_state_dict`; `num_batches_tracked` is dropped."""
   table = leaf_table(model)
   unknown = [key for key in state_dict

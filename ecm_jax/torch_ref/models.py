@@ -38,7 +38,7 @@ from ecm_jax.side_output import SIDE_SCALES
 
 @dataclasses.dataclass(frozen=True)
 class LayerSettings:
-  """BatchNorm constants from `config.model`; `bn_momentum` in the Flax convention (0.9 = torch 0.1)."""
+  """BatchNorm constants from `config.model`; `bn_momentum` is the Flax one (0.9 = torch 0.1)."""
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
 
@@ -179,7 +179,8 @@ class ChannelCorrelation(nn.Module):
 
 
 class SpatialCorrelation(nn.Module):
-  """SC, eqs. (8)-(9): S = softmax(E E^T) over positions, (B, HW, HW). `attention.SpatialCorrelation`."""
+  """SC, eqs. (8)-(9): S = softmax(E E^T) over positions, (B, HW, HW).
+  `attention.SpatialCorrelation`."""
 
   def __init__(self, scale: str = 'none'):
     super().__init__()
