@@ -137,8 +137,8 @@ def test_switches_change_the_graph_as_expected():
   assert all(p[0] == 'encoder' for p in added | removed)
   # Fusion: only 'fuse' has the eq. (10) projection.
   full = param_paths(small_config('ec_cam_unet'))
+  fuse = {p for p in full if p[:2] == ('bottleneck', 'fuse')}
   for variant in ('fusion_add', 'fusion_series'):
-    fuse = {p for p in full if p[:2] == ('bottleneck', 'fuse')}
     assert full - param_paths(small_config(variant)) == fuse
   # SC is in the graph only when on: its map appears among the intermediates.
   for variant, has_s in (('unet', False), ('unet+sc', True)):
@@ -274,7 +274,8 @@ def test_summary_table_counts_parameters_and_flops():
 def test_summary_command_line_takes_config_overrides_and_variants():
   command = [sys.executable, '-m', 'ecm_jax.models', '--config', 'configs/kits.py',
              '--config.model.features=(4, 8, 16, 32, 64)', '--config.model.mus_channels=8',
-             '--config.model.side_features=(8, 8, 4)', '--config.data.image_size=32',
+             '--config.model.side_features=(8, 8, 4)', '--config.model.conv_impl=xla',
+             '--config.data.image_size=32',
              '--variants=unet,unet+dws']
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, 'PYTHONPATH': str(REPO)})
