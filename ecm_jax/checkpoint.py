@@ -95,7 +95,8 @@ def checkpoint_manager(workdir: pathlib.Path, keep_latest: int, read_only: bool 
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=lambda m: m['val_dice'], best_mode='max',
-      read_only=read_only, create=not read_only)
+      read_only=read_only, create=not read_only,
+      save_interval_steps=0 if read_only else 1)  # orbax warns about a read-only interval > 0
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options)
 
 

@@ -25,7 +25,8 @@ def _config(tmp):
   config = demo.get_config('unet+ec')  # EC on: inference goes through the fold
   config.update_from_flattened_dict({
       'data.image_size': 32, 'data.cache_dir': str(tmp / 'cache'),
-      'model.features': (4, 8, 8, 16, 16), 'train.eval_batch_size': 8})
+      'model.features': (4, 8, 8, 16, 16), 'train.eval_batch_size': 8,
+      'model.conv_impl': 'xla'})  # compiles faster than CPU's 'gemm' (tests/test_ops.py covers it)
   return config
 
 

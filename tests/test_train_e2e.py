@@ -30,6 +30,7 @@ TINY = {
     'model.mus_channels': 4,
     'model.side_features': (8, 4, 4),
     'model.cc_hidden': 2,
+    'model.conv_impl': 'xla',  # compiles ~2x faster than CPU's 'gemm' (tests/test_ops.py covers it)
     'train.batch_size': 2,
     'train.eval_batch_size': 8,
     'train.max_steps': 12,

@@ -17,6 +17,7 @@ def tiny_config(variant='ec_cam_unet'):
   config.model.mus_channels = 4
   config.model.side_features = (8, 4, 4)
   config.model.cc_hidden = 2
+  config.model.conv_impl = 'xla'  # compiles ~2x faster than CPU's 'gemm' (tests/test_ops.py covers it)
   config.train.learning_rate = 1e-3
   return config
 
