@@ -61,7 +61,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.se_reduction = 16  # SE / CBAM channel reduction (Table V baselines)
   m.bn_momentum = 0.9  # flax convention (running = m*running + (1-m)*batch); = PyTorch 0.1
   m.bn_epsilon = 1e-5
-  m.dtype = 'float32'  # compute dtype: float32 | bfloat16 (params, softmax, reductions stay float32)
+  # Compute dtype: float32 | bfloat16 (params, softmax, reductions stay float32) | float64
+  # (everything float64; needs jax_enable_x64: for numerics checks, e.g. ecm_jax/parity.py).
+  m.dtype = 'float32'
   m.conv_impl = 'auto'  # convolution kernels: auto (by backend) | xla (lax.conv) | gemm (CPU-fast)
   return m
 

@@ -6,17 +6,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ecm_jax.layers import ConvBNReLU, LayerSettings
+from ecm_jax.layers import ConvBNReLU, LayerSettings, at_least_float32
 
 
 class ImagePooling(nn.Module):
-  """ASPP image-level branch: global mean (float32) -> Conv1x1 -> BN -> ReLU, broadcast to H x W."""
+  """ASPP image-level branch: global mean (at least float32) -> Conv1x1 -> BN -> ReLU, broadcast to H x W."""
   features: int
   settings: LayerSettings = LayerSettings()
 
   @nn.compact
   def __call__(self, f: jax.Array, train: bool) -> jax.Array:
-    pooled = jnp.mean(f.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(f.dtype)
+    pooled = jnp.mean(f.astype(at_least_float32(f.dtype)), axis=(1, 2), keepdims=True)
+    pooled = pooled.astype(f.dtype)
     y = ConvBNReLU(self.features, (1, 1), settings=self.settings, name='conv_bn_relu')(pooled, train)
     return jnp.broadcast_to(y, f.shape[:3] + (self.features,))
 

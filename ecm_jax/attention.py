@@ -2,9 +2,10 @@
 Attention-U-Net gate and DA-Net position/channel attention.
 
 Every block maps NHWC features to features of the same shape (SC returns the map S). Softmaxes and
-global reductions run in float32 whatever the compute dtype. CC, SC and CoA `sow` their maps into the
-'intermediates' collection (`cc_weights`, `sc_attention`, `coa_output`), which is only kept when
-the caller passes `mutable=['intermediates']`.
+global reductions run in at least float32 (`layers.at_least_float32`: float32 under bfloat16,
+float64 in a float64 model). CC, SC and CoA `sow` their maps into the 'intermediates' collection
+(`cc_weights`, `sc_attention`, `coa_output`), which is only kept when the caller passes
+`mutable=['intermediates']`.
 """
 
 import flax.linen as nn
@@ -12,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ecm_jax.layers import Conv1D, Conv2D, ConvBNReLU, LayerSettings, PatchUpsample1D
+from ecm_jax.layers import (Conv1D, Conv2D, ConvBNReLU, LayerSettings, PatchUpsample1D,
+                            at_least_float32)
 
 
 class ChannelCorrelation(nn.Module):
@@ -23,7 +25,8 @@ class ChannelCorrelation(nn.Module):
   Conv1D(k=3) -> BN -> ReLU, Conv1D(k=7, stride 2) -> BN -> ReLU (length C/2),
   ConvTranspose1D(k=2, stride 2) -> BN -> ReLU (length C), Conv1D(k=3, 1 channel, bias) -> sigmoid.
   The paper gives neither the hidden width (`hidden`) nor the deconv kernel; k=2 restores length C
-  exactly. Returns F_C = F * Theta (eq. 7); sows Theta (B, C) as `cc_weights`. Runs in float32.
+  exactly. Returns F_C = F * Theta (eq. 7); sows Theta (B, C) as `cc_weights`. Runs in float32
+  (float64 in a float64 model).
   """
   hidden: int = 8
   settings: LayerSettings = LayerSettings()
@@ -34,13 +37,16 @@ class ChannelCorrelation(nn.Module):
     if channels % 2:
       raise ValueError(f'channel-correlation attention needs an even channel count (stride-2 '
                        f'encoder-decoder over channels), got {channels}')
-    bn = lambda name: self.settings.batch_norm(name, dtype=jnp.float32)
-    theta = jnp.mean(f.astype(jnp.float32), axis=(1, 2))  # eq. (5), (B, C)
+    wide = self.settings.param_dtype
+    bn = lambda name: self.settings.batch_norm(name, dtype=wide)
+    theta = jnp.mean(f.astype(wide), axis=(1, 2))  # eq. (5), (B, C)
     h = theta[:, :, None]  # a length-C sequence with one channel
-    h = nn.relu(bn('bn_in')(Conv1D(self.hidden, 3, name='conv_in')(h), train))
-    h = nn.relu(bn('bn_down')(Conv1D(self.hidden, 7, stride=2, name='conv_down')(h), train))
-    h = nn.relu(bn('bn_up')(PatchUpsample1D(self.hidden, 2, name='deconv_up')(h), train))
-    weights = nn.sigmoid(Conv1D(1, 3, use_bias=True, name='conv_out')(h))[..., 0]  # eq. (6)
+    h = nn.relu(bn('bn_in')(Conv1D(self.hidden, 3, dtype=wide, name='conv_in')(h), train))
+    h = nn.relu(bn('bn_down')(Conv1D(self.hidden, 7, stride=2, dtype=wide, name='conv_down')(h),
+                              train))
+    h = nn.relu(bn('bn_up')(PatchUpsample1D(self.hidden, 2, dtype=wide, name='deconv_up')(h),
+                            train))
+    weights = nn.sigmoid(Conv1D(1, 3, use_bias=True, dtype=wide, name='conv_out')(h))[..., 0]  # (6)
     self.sow('intermediates', 'cc_weights', weights)
     return f * weights[:, None, None, :].astype(f.dtype)  # eq. (7)
 
@@ -50,14 +56,14 @@ class SpatialCorrelation(nn.Module):
 
   E = reshape(F) to (B, HW, C) (eq. 8); S_ij = exp((E E^T)_ij) / sum_j exp((E E^T)_ij) (eq. 9), no
   learned projections. `scale`: 'none' (the paper) or 'rsqrt_c' (logits times 1/sqrt(C)). The logits
-  and the softmax are float32 (unscaled logits are large). Sows S as `sc_attention`.
+  and the softmax are at least float32 (unscaled logits are large). Sows S as `sc_attention`.
   """
   scale: str = 'none'
 
   @nn.compact
   def __call__(self, f: jax.Array) -> jax.Array:
     b, h, w, c = f.shape
-    e = f.reshape(b, h * w, c).astype(jnp.float32)  # eq. (8)
+    e = f.reshape(b, h * w, c).astype(at_least_float32(f.dtype))  # eq. (8)
     logits = jnp.einsum('bic,bjc->bij', e, e, precision=lax.Precision.HIGHEST)
     if self.scale == 'rsqrt_c':
       logits = logits * c**-0.5
@@ -110,7 +116,8 @@ class SqueezeExcitation(nn.Module):
   def __call__(self, f: jax.Array, train: bool) -> jax.Array:
     del train
     c = f.shape[-1]
-    pooled = jnp.mean(f.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(f.dtype)
+    pooled = jnp.mean(f.astype(at_least_float32(f.dtype)), axis=(1, 2), keepdims=True)
+    pooled = pooled.astype(f.dtype)
     hidden = nn.relu(Conv2D(max(c // self.reduction, 1), (1, 1), use_bias=True,
                             settings=self.settings, name='squeeze')(pooled))
     gate = nn.sigmoid(Conv2D(c, (1, 1), use_bias=True, settings=self.settings, name='excite')(hidden))
@@ -130,17 +137,18 @@ class CBAM(nn.Module):
   @nn.compact
   def __call__(self, f: jax.Array, train: bool) -> jax.Array:
     c = f.shape[-1]
-    f32 = f.astype(jnp.float32)
+    wide = at_least_float32(f.dtype)
+    f_wide = f.astype(wide)
     mlp_in = Conv2D(max(c // self.reduction, 1), (1, 1), use_bias=True, settings=self.settings,
                     name='mlp_in')
     mlp_out = Conv2D(c, (1, 1), use_bias=True, settings=self.settings, name='mlp_out')
     mlp = lambda pooled: mlp_out(nn.relu(mlp_in(pooled.astype(f.dtype))))
-    channel_gate = nn.sigmoid(mlp(jnp.mean(f32, axis=(1, 2), keepdims=True)) +
-                              mlp(jnp.max(f32, axis=(1, 2), keepdims=True)))
+    channel_gate = nn.sigmoid(mlp(jnp.mean(f_wide, axis=(1, 2), keepdims=True)) +
+                              mlp(jnp.max(f_wide, axis=(1, 2), keepdims=True)))
     f = f * channel_gate
-    f32 = f.astype(jnp.float32)
-    pooled = jnp.concatenate([jnp.mean(f32, axis=-1, keepdims=True),
-                              jnp.max(f32, axis=-1, keepdims=True)], axis=-1)
+    f_wide = f.astype(wide)
+    pooled = jnp.concatenate([jnp.mean(f_wide, axis=-1, keepdims=True),
+                              jnp.max(f_wide, axis=-1, keepdims=True)], axis=-1)
     k = self.spatial_kernel
     spatial = Conv2D(1, (k, k), settings=self.settings, name='spatial_conv')(pooled.astype(f.dtype))
     return f * nn.sigmoid(self.settings.batch_norm('spatial_bn')(spatial, train))
@@ -171,7 +179,8 @@ class PositionAttention(nn.Module):
   """DA-Net position attention module, PAM (Fu et al., CVPR 2019, eq. 2).
 
   Query/key 1x1 convs to C/8, value 1x1 conv to C (all with bias); s = softmax(Q K^T) over
-  positions (float32); out = gamma * (s @ V) + F with a learned scalar gamma initialised to 0.
+  positions (at least float32); out = gamma * (s @ V) + F with a learned scalar gamma initialised
+  to 0.
   """
   settings: LayerSettings = LayerSettings()
 
@@ -182,10 +191,11 @@ class PositionAttention(nn.Module):
                                          name=name)(f).reshape(b, h * w, features)
     inter = max(c // 8, 1)
     query, key, value = conv(inter, 'query'), conv(inter, 'key'), conv(c, 'value')
-    energy = jnp.einsum('bic,bjc->bij', query.astype(jnp.float32), key.astype(jnp.float32))
+    wide = self.settings.param_dtype
+    energy = jnp.einsum('bic,bjc->bij', query.astype(wide), key.astype(wide))
     attention = jax.nn.softmax(energy, axis=-1)
     out = jnp.einsum('bij,bjc->bic', attention.astype(f.dtype), value).reshape(f.shape)
-    gamma = self.param('gamma', nn.initializers.zeros, (1,), jnp.float32)
+    gamma = self.param('gamma', nn.initializers.zeros, (1,), wide)
     return gamma.astype(f.dtype) * out + f
 
 
@@ -193,17 +203,19 @@ class ChannelAttention(nn.Module):
   """DA-Net channel attention module, CAM (Fu et al., CVPR 2019, eq. 4).
 
   energy = X X^T over channels (C x C), attention = softmax(max_row(energy) - energy) as in the
-  authors' code (float32); out = gamma * (attention @ X) + F, gamma a learned scalar initialised to 0.
+  authors' code (at least float32); out = gamma * (attention @ X) + F, gamma a learned scalar
+  initialised to 0.
   """
 
   @nn.compact
   def __call__(self, f: jax.Array) -> jax.Array:
     b, h, w, c = f.shape
-    x = f.reshape(b, h * w, c).astype(jnp.float32)
+    wide = at_least_float32(f.dtype)
+    x = f.reshape(b, h * w, c).astype(wide)
     energy = jnp.einsum('bic,bid->bcd', x, x)
     attention = jax.nn.softmax(jnp.max(energy, axis=-1, keepdims=True) - energy, axis=-1)
     out = jnp.einsum('bcd,bid->bic', attention, x).reshape(f.shape)
-    gamma = self.param('gamma', nn.initializers.zeros, (1,), jnp.float32)
+    gamma = self.param('gamma', nn.initializers.zeros, (1,), wide)
     return (gamma * out).astype(f.dtype) + f
 
 

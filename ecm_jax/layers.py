@@ -1,8 +1,9 @@
 """Layers the networks are built from: convolutions, patch upsampling, BatchNorm, conv blocks, EC.
 
 Every 2D convolution goes through `ecm_jax.ops` (`conv2d`, `upsample_patches`) so the kernels can be
-swapped by `conv_impl` without touching the modules. Parameters are float32 and cast to the compute
-dtype at use; BatchNorm statistics are float32 whatever the compute dtype.
+swapped by `conv_impl` without touching the modules. Parameters, BatchNorm statistics, global
+reductions and softmaxes are float32 under a 16-bit compute dtype (`at_least_float32`); parameters
+are cast to the compute dtype at use. Under float64 (jax_enable_x64) everything is float64.
 
 Initialisation follows PyTorch's defaults (the paper's framework): kernels and biases uniform in
 +-1/sqrt(fan_in), with fan_in computed as PyTorch does (for transposed convolutions from the output
@@ -21,11 +22,17 @@ from jax import lax
 from ecm_jax import ops
 
 
+def at_least_float32(dtype: Any) -> Any:
+  """The dtype of parameters, BatchNorm statistics, global reductions and softmaxes for compute
+  dtype `dtype`: float32 for float32 and 16-bit types, float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSettings:
   """What every layer of a model shares, from `config.model`.
 
-  dtype: compute dtype (params stay float32). conv_impl: `ops` kernel choice.
+  dtype: compute dtype (params are `param_dtype`). conv_impl: `ops` kernel choice.
   bn_momentum: flax convention, running = m * running + (1 - m) * batch (0.9 = PyTorch 0.1).
   bn_axis_name: mapped axis for cross-replica BatchNorm statistics under `shard_map` (None: the
     statistics of the array as seen, which under `jit` with a sharded batch is the global batch).
@@ -35,6 +42,11 @@ class LayerSettings:
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
+
+  @property
+  def param_dtype(self) -> Any:
+    """Parameters and reductions: float32, or float64 when computing in float64."""
+    return at_least_float32(self.dtype)
 
   def batch_norm(self, name: str, dtype: Any = None) -> 'BatchNorm':
     """A `BatchNorm` with these constants (output dtype `dtype`, default the compute dtype)."""
@@ -71,12 +83,13 @@ class Conv2D(nn.Module):
     kh, kw = self.kernel_size
     fan_in = kh * kw * x.shape[-1]
     kernel = self.param('kernel', torch_kernel_init(), (kh, kw, x.shape[-1], self.features),
-                        jnp.float32)
+                        self.settings.param_dtype)
     dtype = self.settings.dtype
     y = ops.conv2d(x.astype(dtype), kernel.astype(dtype), dilation=self.dilation,
                    impl=self.settings.conv_impl)
     if self.use_bias:
-      y = y + self.param('bias', torch_bias_init(fan_in), (self.features,), jnp.float32).astype(dtype)
+      bias = self.param('bias', torch_bias_init(fan_in), (self.features,), self.settings.param_dtype)
+      y = y + bias.astype(dtype)
     return y
 
 
@@ -95,54 +108,59 @@ class PatchUpsample(nn.Module):
     s = self.scale
     # PyTorch stores a transposed-conv weight as (Cin, Cout, s, s) and takes fan_in from dim 1.
     kernel = self.param('kernel', torch_kernel_init(in_axis=-1, out_axis=-2),
-                        (s, s, x.shape[-1], self.features), jnp.float32)
+                        (s, s, x.shape[-1], self.features), self.settings.param_dtype)
     dtype = self.settings.dtype
     y = ops.upsample_patches(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
-      bias = self.param('bias', torch_bias_init(self.features * s * s), (self.features,), jnp.float32)
+      bias = self.param('bias', torch_bias_init(self.features * s * s), (self.features,),
+                        self.settings.param_dtype)
       y = y + bias.astype(dtype)
     return y
 
 
 class Conv1D(nn.Module):
-  """1D convolution of a sequence (B, L, Cin), PyTorch `Conv1d(k, stride, padding=(k-1)//2)`, float32.
+  """1D convolution of a sequence (B, L, Cin), PyTorch `Conv1d(k, stride, padding=(k-1)//2)`.
 
   Only the channel-correlation attention uses it (on a length-C sequence: tiny), so it calls
-  `lax.conv_general_dilated` directly. Kernel (k, Cin, Cout).
+  `lax.conv_general_dilated` directly. Kernel (k, Cin, Cout). Params and compute in `dtype`
+  (float32, or float64 in a float64 model).
   """
   features: int
   kernel_size: int
   stride: int = 1
   use_bias: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param('kernel', torch_kernel_init(), (k, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param('kernel', torch_kernel_init(), (k, x.shape[-1], self.features), self.dtype)
     pad = (k - 1) // 2
-    y = lax.conv_general_dilated(x.astype(jnp.float32), kernel, window_strides=(self.stride,),
+    y = lax.conv_general_dilated(x.astype(self.dtype), kernel, window_strides=(self.stride,),
                                  padding=[(pad, pad)], dimension_numbers=('NWC', 'WIO', 'NWC'),
                                  precision=lax.Precision.HIGHEST)
     if self.use_bias:
-      y = y + self.param('bias', torch_bias_init(k * x.shape[-1]), (self.features,), jnp.float32)
+      y = y + self.param('bias', torch_bias_init(k * x.shape[-1]), (self.features,), self.dtype)
     return y
 
 
 class PatchUpsample1D(nn.Module):
-  """1D transposed conv with kernel == stride (`ConvTranspose1d(k=s, stride=s, bias=False)`), float32.
+  """1D transposed conv with kernel == stride (`ConvTranspose1d(k=s, stride=s, bias=False)`).
 
   (B, L, Cin) -> (B, sL, features): out[b, s*l + i] = x[b, l] @ kernel[i]. Kernel (s, Cin, Cout).
+  Params and compute in `dtype` (float32, or float64 in a float64 model).
   """
   features: int
   scale: int = 2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = self.scale
     kernel = self.param('kernel', torch_kernel_init(in_axis=-1, out_axis=-2),
-                        (s, x.shape[-1], self.features), jnp.float32)
+                        (s, x.shape[-1], self.features), self.dtype)
     b, length, _ = x.shape
-    y = jnp.einsum('blc,sco->blso', x.astype(jnp.float32), kernel, precision=lax.Precision.HIGHEST)
+    y = jnp.einsum('blc,sco->blso', x.astype(self.dtype), kernel, precision=lax.Precision.HIGHEST)
     return y.reshape(b, length * s, self.features)
 
 
@@ -153,10 +171,11 @@ class BatchNorm(nn.Module):
   running statistics are updated as running = momentum * running + (1 - momentum) * batch, with the
   *unbiased* variance (n / (n - 1)) for `var`, as `torch.nn.BatchNorm*d` does (flax momentum 0.9 =
   PyTorch 0.1). Eval mode uses the running statistics. Statistics and the normalisation are
-  computed in float32; the output is cast to `dtype`. With `axis_name` the statistics are averaged
-  over that mapped axis (cross-replica BatchNorm under `shard_map`).
+  computed in `at_least_float32(dtype)` (float32, float64 for a float64 `dtype`); the output is
+  cast to `dtype`. With `axis_name` the statistics are averaged over that mapped axis
+  (cross-replica BatchNorm under `shard_map`).
 
-  Variables: params `scale`, `bias`; batch_stats `mean`, `var` (all (C,), float32).
+  Variables: params `scale`, `bias`; batch_stats `mean`, `var` (all (C,), at_least_float32(dtype)).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -166,22 +185,23 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
-    x32 = x.astype(jnp.float32)
+    wide = at_least_float32(self.dtype)
+    scale = self.param('scale', nn.initializers.ones, (c,), wide)
+    bias = self.param('bias', nn.initializers.zeros, (c,), wide)
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), wide))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), wide))
+    x_wide = x.astype(wide)
     if train:
       axes = tuple(range(x.ndim - 1))
       count = math.prod(x.shape[:-1])
-      mean = jnp.mean(x32, axis=axes)
+      mean = jnp.mean(x_wide, axis=axes)
       if self.axis_name is not None:
         mean = lax.pmean(mean, self.axis_name)
         count *= lax.axis_size(self.axis_name)
       if count < 2:
         raise ValueError(f'BatchNorm in train mode needs more than 1 value per channel (as PyTorch), '
                          f'got input shape {x.shape}: use a batch of at least 2 when training')
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      var = jnp.mean(jnp.square(x_wide - mean), axis=axes)
       if self.axis_name is not None:
         var = lax.pmean(var, self.axis_name)
       if not self.is_initializing():
@@ -190,7 +210,7 @@ class BatchNorm(nn.Module):
         running_var.value = m * running_var.value + (1 - m) * var * (count / (count - 1))
     else:
       mean, var = running_mean.value, running_var.value
-    y = (x32 - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+    y = (x_wide - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
     return y.astype(self.dtype)
 
 

@@ -1,7 +1,8 @@
 """Segmentation losses, eqs. (11)-(13) and (17).
 
-Logits are (B,H,W,K) float32; labels (B,H,W) integer class indices (binary tasks: {0, 1}, K = 1).
-K = 1 uses a sigmoid, K > 1 a softmax over the classes (background included).
+Logits are (B,H,W,K) float32 (16-bit logits are computed on in float32, float64 ones in float64);
+labels (B,H,W) integer class indices (binary tasks: {0, 1}, K = 1). K = 1 uses a sigmoid, K > 1 a
+softmax over the classes (background included).
 """
 
 import jax
@@ -9,17 +10,20 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from ecm_jax.layers import at_least_float32
+
 MAIN_LOSSES = ('dice', 'bce', 'dice+bce')
 
 
 def _probs_and_targets(logits: jax.Array, labels: jax.Array):
-  """Foreground probabilities and one-hot targets, both (B,H,W,K_fg) float32."""
-  logits = logits.astype(jnp.float32)
+  """Foreground probabilities and one-hot targets, both (B,H,W,K_fg), at least float32."""
+  dtype = at_least_float32(logits.dtype)
+  logits = logits.astype(dtype)
   if logits.shape[-1] == 1:
-    return jax.nn.sigmoid(logits), (labels[..., None] == 1).astype(jnp.float32)
+    return jax.nn.sigmoid(logits), (labels[..., None] == 1).astype(dtype)
   num_classes = logits.shape[-1]
   probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
-  return probs, jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)[..., 1:]
+  return probs, jax.nn.one_hot(labels, num_classes, dtype=dtype)[..., 1:]
 
 
 def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0) -> jax.Array:
@@ -36,9 +40,10 @@ def soft_dice_loss(logits: jax.Array, labels: jax.Array, smooth: float = 1.0) ->
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Eq. (12): mean binary cross-entropy (K = 1) or softmax cross-entropy (K > 1) per pixel."""
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(at_least_float32(logits.dtype))
   if logits.shape[-1] == 1:
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits[..., 0], (labels == 1).astype(jnp.float32)))
+    targets = (labels == 1).astype(logits.dtype)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits[..., 0], targets))
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32)))
 
 

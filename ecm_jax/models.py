@@ -4,7 +4,9 @@
 config. The model maps x (B, H, W, in_channels) float32 to a dict: 'logits' (B, H, W, num_classes)
 float32 and, when DWS is on, 'side_logits' of the same shape. Call with `train=True` and
 `mutable=['batch_stats']` to train, `train=False` to predict; `mutable=['intermediates']` also
-returns the attention maps (`attention_maps` picks them out).
+returns the attention maps (`attention_maps` picks them out). Parameters are float32 for compute
+dtypes float32 and bfloat16; model.dtype 'float64' (needs jax_enable_x64) makes parameters,
+statistics and outputs float64 too.
 
 Which `config.model` switches each name reads:
   ec_cam_unet     ec, cc, sc, mus, fusion, dws (every ablation row of Tables II, III, V);
@@ -29,11 +31,13 @@ import ml_collections
 from ecm_jax import ops
 from ecm_jax.attention import (CBAM, AttentionGate, DualAttention, SqueezeExcitation)
 from ecm_jax.bottleneck import FUSIONS, CoAGMuSFu
-from ecm_jax.layers import Conv2D, DoubleConv, LayerSettings, PatchUpsample
+from ecm_jax.layers import Conv2D, DoubleConv, LayerSettings, PatchUpsample, at_least_float32
 from ecm_jax.side_output import SideOutput
 
 MODEL_NAMES = ('ec_cam_unet', 'unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Compute dtypes. 'float64' (params, statistics and outputs float64 too) needs jax_enable_x64: it
+# separates implementation differences from float32 rounding (ecm_jax/parity.py --float64).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
 SC_SCALES = ('none', 'rsqrt_c')
 DEPTH = 5  # encoder levels (four 2x2 max-pools); DWS upsamples by 2 * 2 * 4 = 16
 ATTENTION_MAP_NAMES = ('sc_attention', 'cc_weights', 'coa_output')
@@ -130,7 +134,7 @@ class UNet(nn.Module):
       y = DecoderStage(self.features[i], self.attention_gates, s, name=f'decoder{i}')(
           y, levels[i], train)
     logits = Conv2D(self.num_classes, (1, 1), use_bias=True, settings=s, name='head')(y)
-    outputs['logits'] = logits.astype(jnp.float32)
+    outputs['logits'] = logits.astype(at_least_float32(logits.dtype))
     return outputs
 
 
@@ -169,7 +173,7 @@ class UNetPlusPlus(nn.Module):
       outputs['side_logits'] = self.side_output(nodes[depth - 1, 0], train)
     logits = Conv2D(self.num_classes, (1, 1), use_bias=True, settings=s, name='head')(
         nodes[0, depth - 1])
-    outputs['logits'] = logits.astype(jnp.float32)
+    outputs['logits'] = logits.astype(at_least_float32(logits.dtype))
     return outputs
 
 
@@ -185,6 +189,10 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     raise ValueError(f'model.name must be one of {MODEL_NAMES}, got {m.name!r}')
   if m.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}')
+  if m.dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise ValueError("model.dtype='float64' needs 64-bit JAX: set jax.config.update("
+                     "'jax_enable_x64', True) (or JAX_ENABLE_X64=1) before any JAX computation; "
+                     "without it every float64 array would silently be float32")
   if len(m.features) != DEPTH:
     raise ValueError(f'model.features needs {DEPTH} widths (encoder depth {DEPTH}), '
                      f'got {tuple(m.features)}')

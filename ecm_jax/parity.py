@@ -13,17 +13,19 @@ and max relative differences of:
   * the forward pass in eval and in train mode, per block output (flax `capture_intermediates`,
     torch forward hooks; rows named by Flax module path, e.g. `encoder/level2`, `bottleneck/coa/sc`,
     `decoder1/convs`), then the logits;
-  * the hybrid loss and its terms, and every parameter's gradient (max over all, worst five);
+  * the hybrid loss and its terms, and every parameter's gradient (max over all, worst five, and
+    all gradients as one vector);
   * after K optimizer steps (Adam + L2 weight decay + per-step cosine) on K identical batches:
     BatchNorm running statistics, every parameter, and every parameter's change p_K - p_0.
 
 Relative difference of a quantity: max|JAX - PyTorch| / max|PyTorch|; for gradients the
-denominator is at least `GRADIENT_FLOOR` x the model's largest gradient entry. The column
-"f32 rounding" is the same measure between PyTorch float32 and PyTorch float64 on the same weights
-and batches: how far float32 itself is from the exact value for that quantity. A JAX difference
-of that order is rounding; one far above it is an implementation difference. --float64 runs both
-sides in float64 instead (jax_enable_x64 and `model.dtype='float64'`, which the Flax model must
-support): differences then are implementation differences alone.
+denominator is at least `GRADIENT_FLOOR` x the model's largest gradient entry. The columns
+"PT32 vs PT64" and "JAX vs PT64" are the same measure of PyTorch float32 and of JAX float32
+against PyTorch float64 on the same weights and batches: how far float32 itself is from the exact
+value of that quantity on each side. A JAX-vs-PyTorch difference of that order is rounding; one
+far above it is an implementation difference. --float64 runs both sides in float64 instead
+(jax_enable_x64 and `model.dtype='float64'`: params, activations, statistics, loss and optimizer
+state all float64): differences are then implementation differences, plus float64 rounding.
 
 The JAX side is the product code: `training.create_train_state` for the initial weights,
 `training.loss_and_gradients` jitted with the shardings `training.jit_train_step` uses, on the
@@ -44,7 +46,6 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ecm_jax import checkpoint
-from ecm_jax import models
 from ecm_jax import training
 from ecm_jax.models import build_model
 from ecm_jax.torch_ref import convert
@@ -69,12 +70,14 @@ GRADIENT_FLOOR = 1e-3
 
 @dataclasses.dataclass(frozen=True)
 class Difference:
-  """One quantity: max|JAX - PyTorch|, the relative difference, and the same relative measure
-  between PyTorch float32 and float64 (`rounding`; None when there is no float64 reference)."""
+  """One quantity: max|JAX - PyTorch| and the relative difference; with a PyTorch float64
+  reference, the same relative measure of PyTorch float32 (`rounding`) and of JAX float32
+  (`jax_rounding`) against it (None without one)."""
   name: str
   max_abs: float
   max_rel: float
   rounding: float | None = None
+  jax_rounding: float | None = None
 
 
 def _relative(a: np.ndarray, b: np.ndarray, floor: float) -> tuple[float, float]:
@@ -92,10 +95,11 @@ def compare(name: str, jax_value, torch_value, reference=None, floor: float = 0.
   if a.shape != b.shape:
     raise ValueError(f'{name}: JAX shape {a.shape} != PyTorch shape {b.shape}')
   max_abs, max_rel = _relative(a, b, floor)
-  rounding = None
-  if reference is not None:
-    rounding = _relative(b, np.asarray(reference, np.float64), floor)[1]
-  return Difference(name, max_abs, max_rel, rounding)
+  if reference is None:
+    return Difference(name, max_abs, max_rel)
+  reference = np.asarray(reference, np.float64)
+  return Difference(name, max_abs, max_rel, _relative(b, reference, floor)[1],
+                    _relative(a, reference, floor)[1])
 
 
 def compare_trees(jax_tree: Mapping, torch_tree: Mapping, reference_tree: Mapping | None = None,
@@ -130,20 +134,27 @@ class ParityReport:
   params_overall: Difference | None  # every parameter after `steps` steps, as one vector
   param_changes: list[Difference]  # per parameter, p_K - p_0
   num_batches_tracked: list[int]  # of every torch BatchNorm after `steps` steps
+  # Every gradient as one vector (relative to the largest gradient entry): far less sensitive than
+  # the per-parameter rows to a ReLU input within rounding of 0 switching a pixel's gradient on or
+  # off, which can move a small parameter's gradient by percent.
+  gradients_overall: Difference | None = None
 
   def markdown(self) -> str:
-    cell = lambda d: (f'{d.max_abs:.2e} | {d.max_rel:.2e} | '
-                      f'{"-" if d.rounding is None else f"{d.rounding:.2e}"}')
+    optional = lambda value: '-' if value is None else f'{value:.2e}'
+    cell = lambda d: (f'{d.max_abs:.2e} | {d.max_rel:.2e} | {optional(d.rounding)} | '
+                      f'{optional(d.jax_rounding)}')
+    columns = 'max abs | max rel | PT32 vs PT64 | JAX vs PT64'
     lines = [self.description, '',
-             'max rel: max|JAX - PyTorch| / max|PyTorch| (gradients: denominator at least '
-             f'{GRADIENT_FLOOR:g} x the largest gradient entry). f32 rounding: the same measure '
-             'between PyTorch float32 and float64.', '',
-             '| forward, block output | eval: max abs | eval: max rel | eval: f32 rounding | '
-             'train: max abs | train: max rel | train: f32 rounding |',
-             '|---|---:|---:|---:|---:|---:|---:|']
+             'max abs: max|JAX - PyTorch|; max rel: that / max|PyTorch| (gradients: denominator at '
+             f'least {GRADIENT_FLOOR:g} x the largest gradient entry). PT32 vs PT64, JAX vs PT64: '
+             'the relative measure of PyTorch float32 and of JAX float32 against PyTorch float64 '
+             'on the same weights and batches (float32 rounding of each).', '',
+             '| forward, block output | ' + ' | '.join(
+                 f'{mode}: {c}' for mode in ('eval', 'train') for c in columns.split(' | ')) + ' |',
+             '|---|' + '---:|' * 8]
     for ev, tr in zip(self.forward_eval, self.forward_train):
       lines.append(f'| {ev.name} | {cell(ev)} | {cell(tr)} |')
-    lines += ['', '| quantity | max abs | max rel | f32 rounding |', '|---|---:|---:|---:|']
+    lines += ['', f'| quantity | {columns} |', '|---|---:|---:|---:|---:|']
     lines += [f'| {d.name} | {cell(d)} |' for d in self.loss]
 
     def section(title: str, diffs: Sequence[Difference]) -> None:
@@ -154,6 +165,8 @@ class ParityReport:
         lines.append(f'| &nbsp;&nbsp;{d.name} | {cell(d)} |')
 
     section('gradient, per parameter', self.gradients)
+    if self.gradients_overall is not None:
+      lines.append(f'| gradient, all as one vector | {cell(self.gradients_overall)} |')
     if self.steps:
       section(f'BatchNorm running stats after {self.steps} steps', self.batch_stats)
       section(f'parameters after {self.steps} steps', self.params)
@@ -167,9 +180,9 @@ class ParityReport:
 
 
 def _max_difference(diffs: Sequence[Difference]) -> Difference:
-  roundings = [d.rounding for d in diffs if d.rounding is not None]
+  largest = lambda values: max(values) if None not in values else None
   return Difference('max', max(d.max_abs for d in diffs), max(d.max_rel for d in diffs),
-                    max(roundings) if roundings else None)
+                    largest([d.rounding for d in diffs]), largest([d.jax_rounding for d in diffs]))
 
 
 # --- inputs and weights --------------------------------------------------------------------------
@@ -293,65 +306,94 @@ def run_torch(config: ml_collections.ConfigDict, variables: Mapping, batches: Se
   return results
 
 
+class _Capturing:
+  """Stands in for the model in `training.loss_and_gradients`: the model's own `apply`, which also
+  captures the outputs of the modules `capture` selects. Those and the model outputs come back
+  with the updated BatchNorm statistics, as {'batch_stats', 'intermediates', 'outputs'} in place of
+  the statistics alone (an entry loss_and_gradients passes through untouched): the train-mode
+  block outputs come from the very forward pass that is differentiated, with no second train-mode
+  network to compile."""
+
+  def __init__(self, model: flax.linen.Module, capture):
+    self.model, self.capture = model, capture
+
+  def apply(self, variables, x, *, train: bool, mutable: Sequence[str]):
+    outputs, state = self.model.apply(variables, x, train=train,
+                                      mutable=[*mutable, 'intermediates'],
+                                      capture_intermediates=self.capture)
+    return outputs, {'batch_stats': {'batch_stats': state.get('batch_stats', {}),
+                                     'intermediates': state['intermediates'],
+                                     'outputs': outputs}}
+
+
+def _captured_blocks(intermediates) -> dict[str, np.ndarray]:
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+  return {'/'.join(path[:-1]): value[0] for path, value in flat.items() if path[-1] == '__call__'}
+
+
 def run_jax(config: ml_collections.ConfigDict, variables: Mapping, batches: Sequence[dict],
             steps: int, names: Sequence[str],
             compiler_options: Mapping | None = None) -> SideResults:
   """The Flax model from `variables` on `batches`, capturing the outputs of modules `names`.
 
-  Gradients and steps run `training.loss_and_gradients` jitted as `training.jit_train_step`
-  places its arguments (state replicated, batch sharded over the mesh of every device); a step is
-  that function followed by the update of `training.make_optimizer`, as in `training.train_step`
-  (two compilations; the network's is shared with the gradient comparison). `compiler_options`:
-  XLA options for every compilation (None: as training compiles).
+  Two jitted programs, placed as `training.jit_train_step` places its arguments (state replicated,
+  batch sharded over the mesh of every device): `evaluate`, the eval-mode forward pass and
+  `training.loss_and_gradients` (whose train-mode forward pass is captured too, see `_Capturing`),
+  and, with steps, `update`, the update of `training.make_optimizer` as `training.train_step`
+  applies it. A step is `evaluate` then `update`; the forwards, loss and gradients compared are
+  those of the first `evaluate`, at the initial state. Compile time is nearly the whole cost at
+  test shapes, hence few programs, each network graph compiled once.
+  `compiler_options`: XLA options for every compilation (None: as training compiles).
   """
   model = build_model(config.model)
   mesh = training.make_mesh()
   training.check_batch_divisible(config.train.batch_size, mesh)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  compiled = {}
-
-  def call(name, fn, *args):
-    if name not in compiled:
-      compiled[name] = fn.lower(*args).compile(compiler_options=compiler_options)
-    return compiled[name](*args)
-
+  tx = training.make_optimizer(config, max(steps, 1))
   wanted = set(names)
   capture = lambda module, method: method == '__call__' and '/'.join(module.path) in wanted
-  blocks, outputs = {}, {}
-  for train in (False, True):
-    mutable = ['intermediates', 'batch_stats'] if train else ['intermediates']
-    apply = jax.jit(functools.partial(model.apply, train=train, mutable=mutable,
-                                      capture_intermediates=capture))
-    outputs[train], state = jax.device_get(call(f'forward {train}', apply, variables,
-                                                batches[0]['image']))
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state['intermediates']))
-    blocks[train] = {'/'.join(path[:-1]): value[0] for path, value in flat.items()
-                     if path[-1] == '__call__'}
 
-  tx = training.make_optimizer(config, max(steps, 1))
-  gradients = jax.jit(functools.partial(training.loss_and_gradients, model=model,
-                                        loss_config=config.loss),
-                      in_shardings=(replicated, sharded), out_shardings=replicated)
+  @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=replicated)
+  def evaluate(state: training.TrainState, batch: dict):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    outputs, intermediates = model.apply(variables, batch['image'], train=False,
+                                         mutable=['intermediates'], capture_intermediates=capture)
+    loss, terms, grads, train = training.loss_and_gradients(
+        state, batch, model=_Capturing(model, capture), loss_config=config.loss)
+    return (outputs, intermediates['intermediates']), loss, terms, grads, train
 
   @functools.partial(jax.jit, in_shardings=replicated, out_shardings=replicated)
-  def apply_gradients(state: training.TrainState, grads, batch_stats) -> training.TrainState:
+  def update(state: training.TrainState, grads, batch_stats) -> training.TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return training.TrainState(step=state.step + 1,
                                params=optax.apply_updates(state.params, updates),
                                batch_stats=batch_stats, opt_state=opt_state)
 
+  compiled = {}
+
+  def call(fn, *args):
+    if fn not in compiled:
+      compiled[fn] = fn.lower(*args).compile(compiler_options=compiler_options)
+    return compiled[fn](*args)
+
   state = training.replicate(training.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],
       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(variables['params'])), mesh)
-  loss, terms, grads, _ = jax.device_get(
-      call('gradients', gradients, state, training.shard_batch(batches[0], mesh)))
-  results = SideResults(blocks, outputs, {'loss': float(loss), **{k: float(v) for k, v in
-                                                                   terms.items()}}, grads, None)
+  results = None
+  for batch in batches[:max(steps, 1)]:
+    evaluated = call(evaluate, state, training.shard_batch(batch, mesh))
+    if results is None:
+      (eval_outputs, eval_captured), loss, terms, grads, train = jax.device_get(evaluated)
+      results = SideResults(
+          blocks={False: _captured_blocks(eval_captured),
+                  True: _captured_blocks(train['intermediates'])},
+          outputs={False: eval_outputs, True: train['outputs']},
+          loss={'loss': float(loss), **{k: float(v) for k, v in terms.items()}},
+          gradients=grads, after=None)
+    if steps:
+      *_, grads, train = evaluated
+      state = call(update, state, grads, train['batch_stats'])
   if steps:
-    for batch in batches:
-      _, _, grads, batch_stats = call('gradients', gradients, state,
-                                      training.shard_batch(batch, mesh))
-      state = call('apply_gradients', apply_gradients, state, grads, batch_stats)
     results.after = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   return results
 
@@ -364,18 +406,13 @@ def run(config: ml_collections.ConfigDict, *, steps: int, variables: Mapping | N
 
   steps: K, the optimizer steps compared (0: forward, loss and gradients only).
   variables: {'params', 'batch_stats'} to start from (default: `init_variables(config)`).
-  float64: both sides in float64 (needs `jax_enable_x64` set beforehand and a Flax model that
-    accepts `model.dtype='float64'`); otherwise float32 with a PyTorch float64 reference.
+  float64: both sides in float64 (`model.dtype='float64'`; needs `jax_enable_x64` set beforehand);
+    otherwise float32 with a PyTorch float64 reference.
   compiler_options: XLA options for the JAX compilations (None: as training compiles; the tests
     pass `models.FAST_COMPILE_OPTIONS`).
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if float64:
-    if 'float64' not in models.DTYPES:
-      raise ValueError("float64 needs a Flax model that computes in float64, and "
-                       "ecm_jax.models.DTYPES has no 'float64' (its layers and losses compute in "
-                       "float32); the float32 report's 'f32 rounding' column (PyTorch float32 vs "
-                       "float64) shows the scale of float32 rounding instead")
     if not jax.config.jax_enable_x64:
       raise ValueError('float64 needs jax.config.update("jax_enable_x64", True) before any JAX '
                        'computation')
@@ -410,6 +447,11 @@ def run(config: ml_collections.ConfigDict, *, steps: int, variables: Mapping | N
                               ref(lambda r: r.gradients), GRADIENT_FLOOR),
       steps=steps, batch_stats=[], params=[], params_overall=None, param_changes=[],
       num_batches_tracked=torch_side.num_batches_tracked)
+  vector = lambda tree: np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                                        for leaf in jax.tree.leaves(tree)])
+  report.gradients_overall = compare('all gradients', vector(jax_side.gradients),
+                                     vector(torch_side.gradients),
+                                     ref(lambda r: vector(r.gradients)))
   if steps:
     after = lambda side, collection: side.after.get(collection, {})
     report.batch_stats = compare_trees(after(jax_side, 'batch_stats'),
@@ -417,10 +459,9 @@ def run(config: ml_collections.ConfigDict, *, steps: int, variables: Mapping | N
                                        ref(lambda r: after(r, 'batch_stats')))
     report.params = compare_trees(jax_side.after['params'], torch_side.after['params'],
                                   ref(lambda r: r.after['params']))
-    vector = lambda side: np.concatenate([np.ravel(np.asarray(leaf, np.float64))
-                                          for leaf in jax.tree.leaves(side.after['params'])])
-    report.params_overall = compare('all parameters', vector(jax_side), vector(torch_side),
-                                    ref(vector))
+    params = lambda side: vector(side.after['params'])
+    report.params_overall = compare('all parameters', params(jax_side), params(torch_side),
+                                    ref(params))
     change = lambda side: jax.tree.map(lambda p, p0: np.asarray(p, np.float64) - p0,
                                        side.after['params'], variables['params'])
     report.param_changes = compare_trees(change(jax_side), change(torch_side),

@@ -4,16 +4,15 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from ecm_jax.layers import Conv2D, LayerSettings, PatchUpsample
+from ecm_jax.layers import Conv2D, LayerSettings, PatchUpsample, at_least_float32
 
 # Upsampling factors of the three deconvs: 2 x 2 x 4 = 16, bottleneck (1/16) to full resolution.
 SIDE_SCALES = (2, 2, 4)
 
 
 class SideOutput(nn.Module):
-  """F_out (B, H/16, W/16, C) -> side logits (B, H, W, num_classes), float32.
+  """F_out (B, H/16, W/16, C) -> side logits (B, H, W, num_classes), float32 (float64 in float64).
 
   DeConv 2x -> BN -> ReLU, DeConv 2x -> BN -> ReLU, DeConv 4x -> BN -> ReLU (`deconv{i}`, `bn{i}`,
   widths `features`; kernel == stride, no bias as BN follows), then Conv1x1 with bias (`head`).
@@ -33,4 +32,4 @@ class SideOutput(nn.Module):
       y = PatchUpsample(width, scale, use_bias=False, settings=self.settings, name=f'deconv{i}')(y)
       y = nn.relu(self.settings.batch_norm(f'bn{i}')(y, train))
     logits = Conv2D(self.num_classes, (1, 1), use_bias=True, settings=self.settings, name='head')(y)
-    return logits.astype(jnp.float32)
+    return logits.astype(at_least_float32(logits.dtype))

@@ -19,6 +19,7 @@ import pytest
 
 from configs.default import VARIANTS, get_config
 from ecm_jax.attention import SqueezeExcitation
+from ecm_jax.losses import segmentation_loss
 from ecm_jax.models import attention_maps, build_model, init_variables, summary_table
 from ecm_jax.side_output import SideOutput
 from test_layers import randomized, run_fast
@@ -195,6 +196,7 @@ def test_bad_input_raises_a_clear_error(variant, shape, message):
 @pytest.mark.parametrize('overrides,message', [
     (dict(name='resnet'), 'model.name'),
     (dict(dtype='float16'), 'model.dtype'),
+    (dict(dtype='float64'), 'jax_enable_x64'),  # the session is 32-bit
     (dict(fusion='concat'), 'model.fusion'),
     (dict(sc_scale='sqrt'), 'model.sc_scale'),
     (dict(features=(4, 8, 16, 32)), 'model.features'),
@@ -228,6 +230,8 @@ def test_bfloat16_compute_returns_float32_close_to_float32():
   float32_model = build_model(small_config())
   bfloat16_model = build_model(small_config(dtype='bfloat16'))
   variables = randomized(abstract_variables(float32_model), seed=0)
+  assert jax.tree.map(lambda a: a.dtype, abstract_variables(bfloat16_model)) == jax.tree.map(
+      lambda a: a.dtype, variables)  # params and BatchNorm statistics stay float32
   ref, out = run_fast(lambda v, x: (float32_model.apply(v, x, train=False),
                                     bfloat16_model.apply(v, x, train=False)), variables, x)
   for name in ('logits', 'side_logits'):
@@ -235,6 +239,30 @@ def test_bfloat16_compute_returns_float32_close_to_float32():
     scale = np.abs(ref[name]).max()
     # bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 per op), over ~30 layers.
     assert np.abs(out[name] - ref[name]).max() <= 0.05 * scale, name
+
+
+@pytest.mark.parametrize('variant', GRADIENT_ROWS)
+def test_float64_model_is_float64_throughout(variant):
+  # Abstractly (no compilation): params, statistics, outputs, the loss and the gradients. The
+  # values are checked against PyTorch float64 in tests/test_parity.py.
+  with jax.enable_x64(True):
+    model = build_model(small_config(variant, dtype='float64'))
+    variables = abstract_variables(model)
+
+    def loss_and_grads(v, x):
+      def loss_fn(params):
+        outputs, updates = model.apply({**v, 'params': params}, x, train=True,
+                                       mutable=['batch_stats', 'intermediates'])
+        labels = (x[..., 0] > 0).astype(jnp.int32)
+        loss, terms = segmentation_loss(outputs, labels, get_config().loss)
+        return loss, (outputs, {**updates, 'terms': terms})
+      return jax.value_and_grad(loss_fn, has_aux=True)(v['params'])
+
+    (loss, (outputs, updates)), grads = jax.eval_shape(loss_and_grads, variables,
+                                               jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+  leaves = jax.tree.leaves((variables, loss, grads, outputs, updates))
+  assert len(outputs) == (2 if variant == 'ec_cam_unet' else 1)
+  assert {leaf.dtype for leaf in leaves} == {jnp.dtype('float64')}
 
 
 def test_init_variables_equals_model_init_and_follows_pytorch_init():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# (collection, Flax leaf name, axes taking the Flax array to the torch layout) per torch name.
+# Per torch convolution class: the axes taking the Flax kernel to the torch weight layout.
 _CONV_LAYOUTS = (
     (nn.Conv2d, (3, 2, 0, 1)),
     (nn.ConvTranspose2d, (2, 3, 0, 1)),

@@ -16,9 +16,8 @@ Differences that are conventions, not maths:
     Flax convention) and eps `bn_epsilon`; the Flax `layers.BatchNorm` has these exact semantics.
   * Parameters are float32 (`.double()` for float64); `model.dtype` and `model.conv_impl` select
     JAX kernels and have no torch counterpart.
-  * The 2x2 max-pool is `F.max_pool2d`; the Flax reshape-max splits the gradient between tied
-    maxima, torch sends it to one. Pool inputs are ReLU outputs, where ties are zeros whose
-    gradient the ReLU stops, so the gradients agree.
+  * The 2x2 max-pool is `F.max_pool2d`; `ops.max_pool_2x2` sends a window's gradient to its first
+    maximum in row-major order as torch does, so the gradients agree even on ties.
 """
 
 import dataclasses

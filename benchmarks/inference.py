@@ -1,0 +1,158 @@
+"""Inference benchmark: eval forward with and without the EC fold, interleaved; prints a table.
+
+  python benchmarks/inference.py --config configs/kits.py --variant ec_cam_unet --size 128 \
+      --batch 8 --slices 32 --repeats 3 [--features 64,128,256,512,1024] [--conv_impl auto]
+  python benchmarks/inference.py --workdir runs/kits [--checkpoint best] ...   # a trained run
+
+The eval-mode main-head logits of the model, jitted for one batch shape on one device (as
+`ecm_jax.inference.Predictor` runs it), in two forms: 'unfolded' (the trained graph: three
+conv+BN branches per EC block) and 'folded' (`ecm_jax.fold.fold_ec`: one 3x3 conv with bias per EC
+block), when the model has EC blocks. Timed interleaved, median of --repeats rounds after a warm-up:
+  slices/s        --batch slices per call, already on the device;
+  volume latency  a volume of --slices slices at the config size, host numpy in -> host numpy out,
+                  in batches of --batch (the last one padded), as `Predictor.logits` does.
+Weights: random (`random_variables`: numpy draws, random BatchNorm statistics so that the fold has
+scales and shifts to fold), or the checkpoint of a training run with --workdir (then its config is
+used and --config, --variant, --size, --features, --conv_impl are ignored). The sanity check is
+max |folded - unfolded| over the volume's logits: float32 rounding, grown through the network
+(measured: ~1e-6 of max |logits| at widths 4..16, ~2e-4 at 64..1024 with CoA attention).
+"""
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (benchmark_config, command_line,  # noqa: E402
+                               disable_compilation_cache, machine_summary, markdown_table, median,
+                               parse_ints, random_variables, time_interleaved, write_csv)
+from ecm_jax.fold import fold_ec  # noqa: E402
+from ecm_jax.inference import Predictor  # noqa: E402
+from ecm_jax.models import build_model  # noqa: E402
+
+HEADER = ('form', 'compile s', 'GFLOP / slice', 'slices/s (batch)', 'volume latency s',
+          'volume slices/s', 'speed-up (volume)')
+
+
+def model_forms(model_config: ml_collections.ConfigDict, variables: dict) -> dict:
+  """{'unfolded': (model, variables)[, 'folded': (deploy model, deploy variables)]}."""
+  forms = {'unfolded': (build_model(model_config), variables)}
+  if model_config.name == 'ec_cam_unet' and model_config.ec:
+    deploy_config, deploy_variables = fold_ec(model_config, variables)
+    forms['folded'] = (build_model(deploy_config), deploy_variables)
+  return forms
+
+
+def compile_forward(model, variables: dict, batch_shape: tuple) -> tuple:
+  """(compiled eval forward `(variables, x) -> logits`, lower + compile seconds, FLOPs per call)."""
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False)['logits'])
+  start = time.perf_counter()
+  compiled = forward.lower(variables, jax.ShapeDtypeStruct(batch_shape, jnp.float32)).compile()
+  return compiled, time.perf_counter() - start, compiled.cost_analysis()['flops']
+
+
+def volume_logits(forward, variables: dict, volume: np.ndarray, batch: int) -> np.ndarray:
+  """Logits (N,S,S,K) of a volume (N,S,S,C) in batches of `batch`, the last one zero-padded."""
+  out = []
+  for start in range(0, len(volume), batch):
+    chunk = volume[start:start + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+    out.append(forward(variables, jnp.asarray(chunk))[:batch - pad])
+  return np.concatenate(jax.device_get(out))
+
+
+def benchmark(model_config: ml_collections.ConfigDict, variables: dict, *, size: int, batch: int,
+              slices: int, repeats: int) -> tuple[list[dict], float, float]:
+  """(one CSV row per form, max |folded - unfolded| logits (NaN without EC), max |logits|)."""
+  rng = np.random.default_rng(0)
+  volume = rng.standard_normal((slices, size, size, model_config.in_channels), np.float32)
+  device_batch = jnp.asarray(volume[:batch])
+  thunks, compiled, outputs = {}, {}, {}  # outputs: each form's latest volume logits
+
+  def run_volume(form, forward, form_variables):
+    outputs[form] = volume_logits(forward, form_variables, volume, batch)
+    return outputs[form]
+
+  for form, (model, form_variables) in model_forms(model_config, variables).items():
+    form_variables = jax.device_put(form_variables)
+    forward, seconds, flops = compile_forward(model, form_variables, device_batch.shape)
+    compiled[form] = (seconds, flops)
+    thunks[form, 'batch'] = functools.partial(forward, form_variables, device_batch)
+    thunks[form, 'volume'] = functools.partial(run_volume, form, forward, form_variables)
+  times = {key: median(t) for key, t in time_interleaved(thunks, repeats).items()}
+  rows = []
+  for form, (seconds, flops) in compiled.items():
+    rows.append({'form': form, 'model': model_config.name, 'size': size, 'batch': batch,
+                 'slices': slices, 'compile_s': seconds, 'gflop_per_slice': flops / batch / 1e9,
+                 'slices_per_s': batch / times[form, 'batch'],
+                 'volume_latency_s': times[form, 'volume'],
+                 'volume_slices_per_s': slices / times[form, 'volume'],
+                 'volume_speedup': times['unfolded', 'volume'] / times[form, 'volume']})
+  scale = float(np.abs(outputs['unfolded']).max())
+  difference = (float(np.abs(outputs['folded'] - outputs['unfolded']).max())
+                if 'folded' in outputs else float('nan'))
+  return rows, difference, scale
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='configs/kits.py', help='config file (get_config(variant))')
+  p.add_argument('--variant', default='ec_cam_unet', help='a row of configs/default.VARIANTS')
+  p.add_argument('--size', type=int, default=128, help='slice size (config: data.image_size)')
+  p.add_argument('--features', type=parse_ints, default=None,
+                 help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
+  p.add_argument('--conv_impl', default=None, help='auto | xla | gemm (default: the config\'s)')
+  p.add_argument('--workdir', default=None, help='a training run: its config and checkpoint')
+  p.add_argument('--checkpoint', default='best', help='with --workdir: best | latest | a step')
+  p.add_argument('--batch', type=int, default=8, help='slices per forward call')
+  p.add_argument('--slices', type=int, default=32, help='slices of the timed volume')
+  p.add_argument('--repeats', type=int, default=3, help='timed rounds (median)')
+  p.add_argument('--csv', default=None, help='also write the rows to this CSV file')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> tuple[list[dict], float, float]:
+  """Runs the benchmark and prints the table; returns `benchmark`'s result."""
+  args = parse_args(argv)
+  disable_compilation_cache()
+  if args.workdir:
+    predictor = Predictor(args.workdir, args.checkpoint, fold=False)
+    config, variables = predictor.config, predictor.variables
+    source = f'{args.workdir} step {predictor.step}'
+  else:
+    config = benchmark_config(args.config, args.variant, size=args.size, features=args.features,
+                              conv_impl=args.conv_impl)
+    variables, source = random_variables(config.model), 'random (numpy draws)'
+  model_config, size = config.model, config.data.image_size
+  rows, difference, scale = benchmark(model_config, variables, size=size, batch=args.batch,
+                                      slices=args.slices, repeats=args.repeats)
+  print(f'\n# Inference (eval forward, main-head logits): {config.get("variant", "-")} '
+        f'({model_config.name}), '
+        f'{size}x{size}, features {"-".join(map(str, model_config.features))}, conv_impl '
+        f'{model_config.conv_impl}, batch {args.batch}, volume {args.slices} slices; weights: '
+        f'{source}; median of {args.repeats} interleaved rounds after 1 warm-up')
+  print(machine_summary())
+  print(command_line('inference.py', argv) + '\n')
+  print(markdown_table(HEADER, [
+      (r['form'], f"{r['compile_s']:.1f}", f"{r['gflop_per_slice']:.2f}",
+       f"{r['slices_per_s']:.2f}", f"{r['volume_latency_s']:.2f}",
+       f"{r['volume_slices_per_s']:.2f}", f"{r['volume_speedup']:.2f}x") for r in rows]))
+  print(f'\nmax |folded - unfolded| logits over the volume: {difference:.3g} '
+        f'(max |logits| {scale:.3g})')
+  if args.csv:
+    write_csv(args.csv, rows)
+  return rows, difference, scale
+
+
+if __name__ == '__main__':
+  main()

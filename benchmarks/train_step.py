@@ -1,0 +1,222 @@
+"""Train-step benchmark: JAX (the product step) vs the PyTorch reference, interleaved, one config.
+
+  python benchmarks/train_step.py --config configs/kits.py --variant unet,ec_cam_unet \
+      --size 128 --batch 4 --repeats 5 [--features 64,128,256,512,1024] [--no-torch] \
+      [--conv_impl auto] [--csv train_step.csv]
+
+Per variant, the JAX step is built as training builds it (`training.make_optimizer`,
+`create_train_state`, `make_mesh` over every device, `replicate`, `shard_batch`, `jit_train_step`:
+state donated), and the PyTorch step from `ecm_jax.torch_ref` (`build_torch_model`,
+`torch_ref.training.make_optimizer` / `train_step`) with the same initial weights
+(`torch_ref.convert`) and the same synthetic batch. The two steps and a 2048^3 matmul (the
+machine's GEMM peak) run round-robin: --warmup rounds, then --repeats timed rounds; each figure is
+the median of its rounds, so the JAX/PyTorch ratio and the fraction of peak compare calls made
+back to back. Every call is a real optimizer step on the same batch (the weights keep changing).
+
+Columns:
+  step s, images/s   median wall time of one step; global batch / step time.
+  compile s          JAX: wall time of lower() + compile() of the step, the persistent compilation
+                     cache disabled.
+  memory MB          JAX: XLA's buffer assignment for one device (`compiled.memory_analysis()`:
+                     arguments + outputs - donated aliases + temporaries). PyTorch: the increase of
+                     the peak resident set size of a fresh process (after its imports) over
+                     building the model and optimizer and two steps: parameters, gradients, Adam
+                     moments, activations and allocator overhead.
+  GFLOP / step       XLA's cost analysis of the compiled JAX step (all devices; a multiply-add is
+                     2 FLOPs). It counts the operations of the step as compiled: the 'gemm'
+                     kernels' extra work on zero padding included. The PyTorch row uses the same
+                     count (the same model maths).
+  % of peak          GFLOP / step / step time / the GEMM peak measured in the same rounds.
+  JAX / PyTorch      step time ratio (< 1: JAX faster).
+The first-step losses of both sides are printed too (same weights, same batch: they agree to
+float32 rounding).
+
+Threads: PyTorch uses `torch.get_num_threads()` OpenMP threads (OMP_NUM_THREADS), XLA its own pool
+over every core. When other jobs load the machine, OpenMP's barriers suffer far more than XLA's
+pool (measured here: the PyTorch step 1.8x slower with 2 threads under load than with 1 pinned
+thread), which flatters the JAX/PyTorch ratio. Compare on an idle machine, or pin both to one core:
+  taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/train_step.py ...
+"""
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import pathlib
+import resource
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (TOTAL_STEPS, benchmark_config, command_line,  # noqa: E402
+                               compile_train_step, disable_compilation_cache, gemm_thunk,
+                               initial_state, machine_summary, markdown_table, median, parse_ints,
+                               synthetic_batch, time_interleaved, write_csv)
+from ecm_jax import training  # noqa: E402
+
+HEADER = ('variant', 'framework', 'step s', 'images/s', 'compile s', 'memory MB', 'GFLOP / step',
+          '% of peak', 'JAX / PyTorch')
+
+
+def _torch_ref():
+  """(torch, convert, models, training) of the optional PyTorch reference, imported on first use
+  (--no-torch runs without torch installed)."""
+  import torch
+  from ecm_jax.torch_ref import convert, models, training as torch_training
+  return torch, convert, models, torch_training
+
+
+class TorchTrainStep:
+  """The PyTorch reference step on one fixed batch; `step()` runs one optimizer step (a
+  `time_interleaved` thunk) and records the loss."""
+
+  def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
+               variables: dict | None = None):
+    torch, convert, models, torch_training = _torch_ref()
+    self._train_step = torch_training.train_step
+    self.model = models.build_torch_model(config.model)
+    if variables is not None:
+      convert.load_variables(self.model, variables)
+    self.optimizer, self.scheduler = torch_training.make_optimizer(self.model, config, TOTAL_STEPS)
+    image = np.ascontiguousarray(batch['image'].transpose(0, 3, 1, 2))  # NHWC -> NCHW
+    self.batch = {'image': torch.from_numpy(image),
+                  'label': torch.from_numpy(batch['label']).long()}
+    self.loss_config = config.loss
+    self.losses = []
+
+  def step(self) -> dict:
+    metrics = self._train_step(self.model, self.optimizer, self.scheduler, self.batch,
+                               self.loss_config)
+    self.losses.append(metrics['loss'])
+    return metrics
+
+
+def _resident_bytes() -> int:
+  """The current resident set size of this process (Linux /proc)."""
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _torch_peak_memory_child(config_dict: dict) -> int:
+  """In a fresh process: peak RSS increase over building the torch model and two steps (bytes)."""
+  config = ml_collections.ConfigDict(config_dict)
+  _torch_ref()  # the libraries' own memory is not the step's
+  before = _resident_bytes()
+  step = TorchTrainStep(config, synthetic_batch(config))
+  step.step()
+  step.step()
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is in KB
+
+
+def torch_peak_memory(config: ml_collections.ConfigDict) -> int | None:
+  """PyTorch's training memory for `config` (see the module docstring), or None off Linux."""
+  if not sys.platform.startswith('linux'):
+    return None
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    return pool.submit(_torch_peak_memory_child, config.to_dict()).result()
+
+
+def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup: int,
+                      with_torch: bool, gemm_size: int) -> list[dict]:
+  """One CSV row per framework for `config`, the steps and the GEMM timed interleaved."""
+  batch, mesh = synthetic_batch(config), training.make_mesh()
+  jax_step = compile_train_step(config, mesh, batch, initial_state(config, mesh))
+  thunks = {'jax': jax_step.step}
+  torch_step = None
+  if with_torch:
+    variables = jax.device_get({'params': jax_step.state.params,
+                                'batch_stats': jax_step.state.batch_stats})
+    torch_step = TorchTrainStep(config, batch, variables)
+    thunks['torch'] = torch_step.step
+  thunks['gemm'], gemm_flops = gemm_thunk(gemm_size)
+  times = {name: median(t) for name, t in time_interleaved(thunks, repeats, warmup).items()}
+  peak = gemm_flops / times['gemm']
+  flops = jax_step.flops()
+  common = {'variant': config.variant, 'model': config.model.name,
+            'features': '-'.join(map(str, config.model.features)),
+            'conv_impl': config.model.conv_impl, 'size': config.data.image_size,
+            'batch': config.train.batch_size, 'repeats': repeats,
+            'gemm_peak_gflops': peak / 1e9, 'gflop_per_step': flops / 1e9}
+  rows = [dict(common, framework='JAX', step_s=times['jax'],
+               images_per_s=config.train.batch_size / times['jax'],
+               compile_s=jax_step.compile_seconds, memory_mb=jax_step.memory_bytes() / 2**20,
+               fraction_of_peak=flops / times['jax'] / peak,
+               first_loss=float(jax_step.losses[0]), jax_over_torch=float('nan'))]
+  if torch_step is not None:
+    memory = torch_peak_memory(config)
+    rows[0]['jax_over_torch'] = times['jax'] / times['torch']
+    rows.append(dict(common, framework='PyTorch', step_s=times['torch'],
+                     images_per_s=config.train.batch_size / times['torch'],
+                     compile_s=float('nan'),
+                     memory_mb=float('nan') if memory is None else memory / 2**20,
+                     fraction_of_peak=flops / times['torch'] / peak,
+                     first_loss=torch_step.losses[0], jax_over_torch=float('nan')))
+  return rows
+
+
+def _cell(value: float, fmt: str) -> str:
+  return '-' if np.isnan(value) else format(value, fmt)
+
+
+def table_rows(rows: list[dict]) -> list[tuple]:
+  """The markdown cells of HEADER for each CSV row."""
+  return [(r['variant'], r['framework'], f"{r['step_s']:.3f}", f"{r['images_per_s']:.2f}",
+           _cell(r['compile_s'], '.1f'), _cell(r['memory_mb'], '.0f'),
+           f"{r['gflop_per_step']:.1f}", f"{100 * r['fraction_of_peak']:.1f}",
+           _cell(r['jax_over_torch'], '.2f')) for r in rows]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='configs/kits.py', help='config file (get_config(variant))')
+  p.add_argument('--variant', default='unet,ec_cam_unet',
+                 help='comma-separated rows of configs/default.VARIANTS, benchmarked one by one')
+  p.add_argument('--size', type=int, default=128, help='image size (config: data.image_size)')
+  p.add_argument('--batch', type=int, default=4, help='global batch (config: train.batch_size)')
+  p.add_argument('--features', type=parse_ints, default=None,
+                 help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
+  p.add_argument('--conv_impl', default=None, help='auto | xla | gemm (default: the config\'s)')
+  p.add_argument('--repeats', type=int, default=5, help='timed rounds (median)')
+  p.add_argument('--warmup', type=int, default=1, help='untimed rounds first')
+  p.add_argument('--no-torch', dest='torch', action='store_false', help='JAX only')
+  p.add_argument('--gemm_size', type=int, default=2048, help='n of the n^3 matmul giving the peak')
+  p.add_argument('--csv', default=None, help='also write the rows to this CSV file')
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+  """Runs the benchmark, prints the markdown table; returns the rows (as written with --csv)."""
+  args = parse_args(argv)
+  disable_compilation_cache()
+  rows = []
+  for variant in args.variant.split(','):
+    config = benchmark_config(args.config, variant, size=args.size, batch=args.batch,
+                              features=args.features, conv_impl=args.conv_impl)
+    rows += benchmark_variant(config, repeats=args.repeats, warmup=args.warmup,
+                              with_torch=args.torch, gemm_size=args.gemm_size)
+  first = rows[0]
+  versions = f'jax {jax.__version__}'
+  if args.torch:
+    torch = _torch_ref()[0]
+    versions = f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads) vs ' + versions
+  print(f'\n# Train step: {first["size"]}x{first["size"]}, global batch {first["batch"]}, '
+        f'features {first["features"]}, conv_impl {first["conv_impl"]}, float32; median of '
+        f'{args.repeats} interleaved rounds after {args.warmup} warm-up')
+  print(f'{machine_summary()}; {versions}; GEMM peak ({args.gemm_size}^3 matmul, same rounds) '
+        + ', '.join(f"{r['gemm_peak_gflops']:.0f}" for r in rows if r['framework'] == 'JAX')
+        + ' GFLOP/s')
+  print(command_line('train_step.py', argv) + '\n')
+  print(markdown_table(HEADER, table_rows(rows)))
+  print('\nFirst-step loss (same weights and batch): ' + '; '.join(
+      f"{r['variant']} {r['framework']} {r['first_loss']:.6f}" for r in rows))
+  if args.csv:
+    write_csv(args.csv, rows)
+  return rows
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,88 @@
+"""Smoke tests of the benchmark scripts: each runs end to end and prints / writes what it promises.
+
+No timing claims: figures are only checked to be positive and finite. A tiny network (widths
+4..16, 32x32, conv_impl 'xla', which compiles fastest) and one timed round keep the three runs
+within about a minute and a half; compilation is most of it.
+"""
+
+import csv
+import math
+
+import pytest
+
+from benchmarks import inference, scaling, train_step
+
+TINY = ['--features', '4,8,8,16,16', '--size', '32', '--conv_impl', 'xla', '--repeats', '1']
+
+
+def _positive(value) -> bool:
+  return math.isfinite(value) and value > 0
+
+
+def _read_csv(path) -> list[dict]:
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_train_step_jax_vs_torch(tmp_path, capsys):
+  path = tmp_path / 'train_step.csv'
+  rows = train_step.main(TINY + ['--variant', 'unet', '--batch', '2', '--gemm_size', '256',
+                                 '--csv', str(path)])
+  out = capsys.readouterr().out
+  assert '| variant | framework | step s |' in out
+  assert '| unet | JAX |' in out and '| unet | PyTorch |' in out
+  jax_row, torch_row = rows
+  for key in ('step_s', 'images_per_s', 'memory_mb', 'gflop_per_step', 'fraction_of_peak',
+              'gemm_peak_gflops'):
+    assert _positive(jax_row[key]) and _positive(torch_row[key]), key
+  assert _positive(jax_row['compile_s']) and _positive(jax_row['jax_over_torch'])
+  # Same initial weights and batch on both sides: the same first loss up to float32 rounding.
+  assert jax_row['first_loss'] == pytest.approx(torch_row['first_loss'], rel=1e-5)
+  written = _read_csv(path)
+  assert [r['framework'] for r in written] == ['JAX', 'PyTorch']
+  assert set(written[0]) == set(jax_row)
+
+
+def test_inference_fold(tmp_path, capsys):
+  path = tmp_path / 'inference.csv'
+  rows, difference, scale = inference.main(TINY + ['--variant', 'unet+ec', '--batch', '2',
+                                                   '--slices', '5', '--csv', str(path)])
+  out = capsys.readouterr().out
+  assert '| unfolded |' in out and '| folded |' in out and 'max |folded - unfolded|' in out
+  assert [r['form'] for r in rows] == ['unfolded', 'folded']
+  for row in rows:
+    for key in ('gflop_per_slice', 'slices_per_s', 'volume_latency_s', 'volume_speedup'):
+      assert _positive(row[key]), key
+  assert rows[1]['gflop_per_slice'] < rows[0]['gflop_per_slice']  # one conv per EC block, not 3
+  assert _positive(scale) and difference <= 1e-5 * scale
+  assert len(_read_csv(path)) == 2
+
+
+def test_scaling_plan():
+  assert scaling.plan([1, 2, 4], per_device_batch=2, global_batch=6) == {
+      1: {'weak': 2, 'strong': 6}, 2: {'weak': 4, 'strong': 6}, 4: {'weak': 8}}
+
+
+def test_scaling_worker_env_replaces_device_count(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2 --xla_foo=1')
+  assert scaling.worker_env(4)['XLA_FLAGS'] == (
+      '--xla_foo=1 --xla_force_host_platform_device_count=4')
+
+
+def test_scaling_weak_and_strong(tmp_path, capsys):
+  out_prefix = tmp_path / 'scaling'
+  scaling.main(TINY + ['--variant', 'unet', '--devices', '2', '--per_device_batch', '1',
+                       '--global_batch', '2', '--out', str(out_prefix)])
+  out = capsys.readouterr().out
+  assert 'simulated CPU devices' in out and 'not a speed-up claim' in out
+  rows = _read_csv(f'{out_prefix}.csv')
+  assert [(r['mode'], r['devices'], r['global_batch']) for r in rows] == [
+      ('weak', '1', '1'), ('weak', '2', '2'), ('strong', '1', '2'), ('strong', '2', '2')]
+  assert set(rows[0]) >= {'step_s', 'images_per_s', 'efficiency', 'loss_after_step',
+                          'loss_after_step_1_device', 'loss_rel_diff', 'loss_ok'}
+  for row in rows:
+    assert _positive(float(row['images_per_s'])) and _positive(float(row['efficiency']))
+    assert row['loss_ok'] == 'True'
+  assert float(rows[0]['efficiency']) == 1.0
+  png = tmp_path / 'scaling.png'
+  assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
