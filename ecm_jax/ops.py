@@ -18,9 +18,9 @@ Convolution implementations (`impl` of `conv2d`):
             (`_tap_sum`), spending nothing on zero padding;
           - taps that only ever reach zero padding (dilation 12/18 on an 8x8 map) are dropped; a
             single remaining tap, or a 1x1 kernel, is one matmul.
-          Costs: more temporary memory on large maps (a transposed copy of x and one shifted
-          slice: 52 MB instead of 34 MB for a 4x128x128x64 conv's fwd+bwd), and more XLA kernels
-          to compile (about +0.3 to +0.9 s of compile CPU time per conv layer).
+          Costs: more temporary memory on large maps (a transposed copy of x and one group of
+          shifted slices: 82 MB instead of 48 MB for a 4x128x128x64 conv's fwd+bwd), and more XLA
+          kernels to compile (about +0.3 to +0.9 s of compile CPU time per conv layer).
   'auto'  'gemm' when the computation is lowered for CPU, 'xla' for any other platform. The choice
           is made per lowering by `lax.platform_dependent` (not by `jax.default_backend()`), so a
           function jitted for a GPU device from a CPU-default process still gets 'xla'.
@@ -46,9 +46,14 @@ IMPLS = ('auto', 'xla', 'gemm')
 _CROP_FWD_RATIO = 1.4
 _CROP_DW_RATIO = 1.2
 # The shifted-row weight gradient stacks the taps of a group into one matmul with at least this
-# many rows (for few-channel maps, e.g. the 1-channel input: one matmul instead of 9 thin ones).
-# Interleaved timings at 128x128x64: 64 rows (one tap) as fast as 192, with less memory; 576 slower.
-_DW_MIN_WIDTH = 64
+# many rows: XLA:CPU runs a (64, n) @ (n, 64) matmul with n in the 100,000s far below peak (nearly
+# single-threaded), and a taller one faster. Interleaved timings of the weight gradient alone
+# (benchmark: stacking 1, 3 or 9 taps of 64 channels), batch 4: at 256x256, 64 -> 64 channels,
+# 496 / 303 / 567 ms (temporaries 195 / 325 / 714 MB); 128 -> 64: 606 / 366 / 648 ms; at 128x128,
+# 64 -> 128: 81 / 74 / 119 ms. So 192 rows: 3 taps of a 64-channel map, one of 192 and more. The
+# groups are at most a third of the taps: stacking all 3 taps of a 1x3 or 3x1 kernel (one matmul,
+# no scan) is 1.2x slower than 3 scanned ones (64 -> 64 at 128x128 and at 256x256).
+_DW_MIN_WIDTH = 192
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 _TN = (((0,), (0,)), ((), ()))  # dot_general: contract the leading (pixel) axis of both operands
@@ -223,9 +228,8 @@ def _dw_shifted(x, g, taps):
   so that a tap's slice is a block of whole rows and the matmul has the plain (M,K) @ (K,N) form,
   which XLA:CPU runs ~1.3x faster than one contracting the leading axis of both operands. For
   few channels, the slices of `group` taps are stacked into one matmul at least `_DW_MIN_WIDTH`
-  rows tall. The groups run in a `lax.scan`, so only one group's slice is alive at a time
-  (unrolled, XLA builds all of them first; temporaries of a 4x128x128x64 conv's fwd+bwd: 52 MB,
-  'xla' 34 MB).
+  rows tall (groups of at most a third of the taps). The groups run in a `lax.scan`, so only one group's slices are alive at a time
+  (unrolled, XLA builds all of them first).
   """
   b, h, w, c = x.shape
   o = g.shape[-1]
@@ -245,7 +249,7 @@ def _dw_shifted(x, g, taps):
     fixed, length, width = x_rows, rows, o
     shifted_t = jnp.pad(g_rows, ((top, 0), (0, 0))).T
     starts = [top - off for off in offs]
-  group = min(len(taps), math.ceil(_DW_MIN_WIDTH / width))
+  group = max(1, min(len(taps) // 3, math.ceil(_DW_MIN_WIDTH / width)))
   while len(taps) % group:
     group -= 1
   acc = _acc_type(x.dtype)

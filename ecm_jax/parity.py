@@ -144,11 +144,14 @@ class ParityReport:
     cell = lambda d: (f'{d.max_abs:.2e} | {d.max_rel:.2e} | {optional(d.rounding)} | '
                       f'{optional(d.jax_rounding)}')
     columns = 'max abs | max rel | PT32 vs PT64 | JAX vs PT64'
+    references = ('the relative measure of PyTorch float32 and of JAX float32 against PyTorch '
+                  'float64 on the same weights and batches (float32 rounding of each).'
+                  if self.loss[0].rounding is not None else
+                  'not computed: both sides ran in float64.')
     lines = [self.description, '',
              'max abs: max|JAX - PyTorch|; max rel: that / max|PyTorch| (gradients: denominator at '
              f'least {GRADIENT_FLOOR:g} x the largest gradient entry). PT32 vs PT64, JAX vs PT64: '
-             'the relative measure of PyTorch float32 and of JAX float32 against PyTorch float64 '
-             'on the same weights and batches (float32 rounding of each).', '',
+             + references, '',
              '| forward, block output | ' + ' | '.join(
                  f'{mode}: {c}' for mode in ('eval', 'train') for c in columns.split(' | ')) + ' |',
              '|---|' + '---:|' * 8]
