@@ -179,7 +179,7 @@ def test_upsample_patches_equals_conv_transpose(s):
 def test_upsample_patches_equals_torch_conv_transpose(s):
   torch = pytest.importorskip('torch')
   layer = torch.nn.ConvTranspose2d(6, 4, kernel_size=s, stride=s, bias=False)
-  x = np.asarray(_normal(0, (2, 3, 5, 6)))
+  x = np.array(_normal(0, (2, 3, 5, 6)))  # a writable copy, as torch.from_numpy wants
   with torch.no_grad():
     want = layer(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
   kernel = jnp.asarray(layer.weight.detach().numpy()).transpose(2, 3, 0, 1)  # (Cin,Cout,s,s) -> (s,s,Cin,Cout)
