@@ -222,7 +222,7 @@ def test_max_pool_ties_send_the_gradient_to_the_first_maximum():
 def test_max_pool_ties_match_torch():
   torch = pytest.importorskip('torch')
   x = np.maximum(np.round(_normal(0, (2, 8, 6, 3))), 0.)
-  r = np.asarray(_normal(1, (2, 4, 3, 3)))
+  r = np.array(_normal(1, (2, 4, 3, 3)))  # writable, for torch.from_numpy
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
   (torch.nn.functional.max_pool2d(xt, 2) * torch.from_numpy(r).permute(0, 3, 1, 2)).sum().backward()
   _, got = _pool_value_and_grad(ops.max_pool_2x2, jnp.asarray(x), jnp.asarray(r))
