@@ -10,7 +10,8 @@ from ecm_jax.layers import ConvBNReLU, LayerSettings, at_least_float32
 
 
 class ImagePooling(nn.Module):
-  """ASPP image-level branch: global mean (at least float32) -> Conv1x1 -> BN -> ReLU, broadcast to H x W."""
+  """ASPP image-level branch: global mean (at least float32) -> Conv1x1 -> BN -> ReLU, broadcast
+  to H x W."""
   features: int
   settings: LayerSettings = LayerSettings()
 

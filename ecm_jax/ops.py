@@ -228,8 +228,8 @@ def _dw_shifted(x, g, taps):
   so that a tap's slice is a block of whole rows and the matmul has the plain (M,K) @ (K,N) form,
   which XLA:CPU runs ~1.3x faster than one contracting the leading axis of both operands. For
   few channels, the slices of `group` taps are stacked into one matmul at least `_DW_MIN_WIDTH`
-  rows tall (groups of at most a third of the taps). The groups run in a `lax.scan`, so only one group's slices are alive at a time
-  (unrolled, XLA builds all of them first).
+  rows tall (groups of at most a third of the taps). The groups run in a `lax.scan`, so only one
+  group's slices are alive at a time (unrolled, XLA builds all of them first).
   """
   b, h, w, c = x.shape
   o = g.shape[-1]
