@@ -4,6 +4,7 @@ This machine is shared and its speed drifts: time candidates interleaved in one 
 of each per round), after a warm-up call, and compare medians of the rounds.
 """
 
+import argparse
 import csv
 import dataclasses
 import importlib.util
@@ -80,15 +81,33 @@ def load_config(path: str, variant: str) -> ml_collections.ConfigDict:
   return module.get_config(variant)
 
 
-def benchmark_config(path: str, variant: str, *, size: int | None = None,
-                     batch: int | None = None, features: Sequence[int] | None = None,
-                     conv_impl: str | None = None) -> ml_collections.ConfigDict:
-  """The config of `path:variant` with the benchmark's overrides (None: keep the file's value):
-  image size, global train batch, encoder widths, convolution kernels."""
-  config = load_config(path, variant)
-  overrides = {'data.image_size': size, 'train.batch_size': batch,
-               'model.features': None if features is None else tuple(features),
-               'model.conv_impl': conv_impl}
+def parse_ints(text: str) -> tuple[int, ...]:
+  """'64,128,256' -> (64, 128, 256) (argparse type for lists of sizes)."""
+  return tuple(int(v) for v in text.split(','))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, variant: str, variant_help: str,
+                         size: int) -> None:
+  """The arguments every benchmark builds its config from: --config, --variant, --size,
+  --features, --conv_impl (`config_from_args` reads them)."""
+  parser.add_argument('--config', default='configs/kits.py',
+                      help='config file (get_config(variant))')
+  parser.add_argument('--variant', default=variant, help=variant_help)
+  parser.add_argument('--size', type=int, default=size, help='image size (config: data.image_size)')
+  parser.add_argument('--features', type=parse_ints, default=None,
+                      help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
+  parser.add_argument('--conv_impl', default=None,
+                      help='auto | xla | gemm (default: the config\'s)')
+
+
+def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
+                     batch: int | None = None) -> ml_collections.ConfigDict:
+  """The config of `args.config:variant` (default `args.variant`) with the benchmark's overrides
+  (`add_config_arguments`; None keeps the file's value) and global train batch `batch`."""
+  config = load_config(args.config, variant or args.variant)
+  overrides = {'data.image_size': args.size, 'train.batch_size': batch,
+               'model.features': None if args.features is None else tuple(args.features),
+               'model.conv_impl': args.conv_impl}
   for key, value in overrides.items():
     if value is not None:
       section, name = key.split('.')
@@ -96,25 +115,9 @@ def benchmark_config(path: str, variant: str, *, size: int | None = None,
   return config
 
 
-def parse_ints(text: str) -> tuple[int, ...]:
-  """'64,128,256' -> (64, 128, 256) (argparse type for lists of sizes)."""
-  return tuple(int(v) for v in text.split(','))
-
-
 def disable_compilation_cache() -> None:
   """Compile times are measured, so no compiled program may come from the persistent cache."""
   jax.config.update('jax_enable_compilation_cache', False)
-
-
-def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
-  """A global train batch of `config` (numpy, JAX layout): 'image' (B,S,S,C) standard normal noise,
-  'label' (B,S,S) int32 classes from thresholding channel 0 (values > 0.5 are class 1, > 1.5 class
-  2, ...). Deterministic in `seed`, the same in every process."""
-  rng = np.random.default_rng(seed)
-  b, s, c = config.train.batch_size, config.data.image_size, config.model.in_channels
-  image = rng.standard_normal((b, s, s, c), np.float32)
-  label = np.clip(np.floor(image[..., 0] + 0.5), 0, max(config.model.num_classes - 1, 1))
-  return {'image': image, 'label': label.astype(np.int32)}
 
 
 @dataclasses.dataclass

@@ -31,11 +31,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (benchmark_config, command_line,  # noqa: E402
-                               disable_compilation_cache, machine_summary, markdown_table, median,
-                               parse_ints, random_variables, time_interleaved, write_csv)
-from ecm_jax.fold import fold_ec  # noqa: E402
-from ecm_jax.inference import Predictor  # noqa: E402
+from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
+                               config_from_args, disable_compilation_cache, machine_summary,
+                               markdown_table, median, random_variables, time_interleaved,
+                               write_csv)
+from ecm_jax.fold import fold_ec, has_ec_blocks  # noqa: E402
+from ecm_jax.inference import Predictor, batched_logits  # noqa: E402
 from ecm_jax.models import build_model  # noqa: E402
 
 HEADER = ('form', 'compile s', 'GFLOP / slice', 'slices/s (batch)', 'volume latency s',
@@ -45,7 +46,7 @@ HEADER = ('form', 'compile s', 'GFLOP / slice', 'slices/s (batch)', 'volume late
 def model_forms(model_config: ml_collections.ConfigDict, variables: dict) -> dict:
   """{'unfolded': (model, variables)[, 'folded': (deploy model, deploy variables)]}."""
   forms = {'unfolded': (build_model(model_config), variables)}
-  if model_config.name == 'ec_cam_unet' and model_config.ec:
+  if has_ec_blocks(model_config):
     deploy_config, deploy_variables = fold_ec(model_config, variables)
     forms['folded'] = (build_model(deploy_config), deploy_variables)
   return forms
@@ -59,18 +60,6 @@ def compile_forward(model, variables: dict, batch_shape: tuple) -> tuple:
   return compiled, time.perf_counter() - start, compiled.cost_analysis()['flops']
 
 
-def volume_logits(forward, variables: dict, volume: np.ndarray, batch: int) -> np.ndarray:
-  """Logits (N,S,S,K) of a volume (N,S,S,C) in batches of `batch`, the last one zero-padded."""
-  out = []
-  for start in range(0, len(volume), batch):
-    chunk = volume[start:start + batch]
-    pad = batch - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    out.append(forward(variables, jnp.asarray(chunk))[:batch - pad])
-  return np.concatenate(jax.device_get(out))
-
-
 def benchmark(model_config: ml_collections.ConfigDict, variables: dict, *, size: int, batch: int,
               slices: int, repeats: int) -> tuple[list[dict], float, float]:
   """(one CSV row per form, max |folded - unfolded| logits (NaN without EC), max |logits|)."""
@@ -80,7 +69,7 @@ def benchmark(model_config: ml_collections.ConfigDict, variables: dict, *, size:
   thunks, compiled, outputs = {}, {}, {}  # outputs: each form's latest volume logits
 
   def run_volume(form, forward, form_variables):
-    outputs[form] = volume_logits(forward, form_variables, volume, batch)
+    outputs[form] = batched_logits(forward, form_variables, volume, batch)
     return outputs[form]
 
   for form, (model, form_variables) in model_forms(model_config, variables).items():
@@ -106,12 +95,8 @@ def benchmark(model_config: ml_collections.ConfigDict, variables: dict, *, size:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/kits.py', help='config file (get_config(variant))')
-  p.add_argument('--variant', default='ec_cam_unet', help='a row of configs/default.VARIANTS')
-  p.add_argument('--size', type=int, default=128, help='slice size (config: data.image_size)')
-  p.add_argument('--features', type=parse_ints, default=None,
-                 help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
-  p.add_argument('--conv_impl', default=None, help='auto | xla | gemm (default: the config\'s)')
+  add_config_arguments(p, variant='ec_cam_unet', size=128,
+                       variant_help='a row of configs/default.VARIANTS')
   p.add_argument('--workdir', default=None, help='a training run: its config and checkpoint')
   p.add_argument('--checkpoint', default='best', help='with --workdir: best | latest | a step')
   p.add_argument('--batch', type=int, default=8, help='slices per forward call')
@@ -130,8 +115,7 @@ def main(argv=None) -> tuple[list[dict], float, float]:
     config, variables = predictor.config, predictor.variables
     source = f'{args.workdir} step {predictor.step}'
   else:
-    config = benchmark_config(args.config, args.variant, size=args.size, features=args.features,
-                              conv_impl=args.conv_impl)
+    config = config_from_args(args)
     variables, source = random_variables(config.model), 'random (numpy draws)'
   model_config, size = config.model, config.data.image_size
   rows, difference, scale = benchmark(model_config, variables, size=size, batch=args.batch,

@@ -34,11 +34,12 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (benchmark_config, command_line, compile_train_step,  # noqa: E402
-                               disable_compilation_cache, host_summary, random_train_state,
-                               markdown_table, median, parse_ints, synthetic_batch,
-                               time_interleaved, write_csv)
+from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
+                               compile_train_step, config_from_args, disable_compilation_cache,
+                               host_summary, markdown_table, median, parse_ints,
+                               random_train_state, time_interleaved, write_csv)
 from ecm_jax import training  # noqa: E402
+from ecm_jax.data.synthetic import noise_batches  # noqa: E402
 
 LOSS_RTOL = 1e-5  # |loss_N - loss_1| <= LOSS_RTOL * |loss_1|
 RESULT_PREFIX = 'RESULT '  # marks the worker's JSON lines on its stdout
@@ -63,11 +64,10 @@ def run_worker(args: argparse.Namespace) -> None:
   mesh = training.make_mesh(jax.devices()[:n])
   start = None  # the initial state on the host (it does not depend on the batch size)
   for global_batch in args.global_batches:
-    config = benchmark_config(args.config, args.variant, size=args.size, batch=global_batch,
-                              features=args.features, conv_impl=args.conv_impl)
+    config = config_from_args(args, batch=global_batch)
     if start is None:
       start = random_train_state(config)
-    step = compile_train_step(config, mesh, synthetic_batch(config),
+    step = compile_train_step(config, mesh, noise_batches(config, 1)[0],
                               training.replicate(start, mesh))
     times = time_interleaved({'step': step.step}, args.repeats, args.warmup)['step']
     print(RESULT_PREFIX + json.dumps(dict(
@@ -98,16 +98,11 @@ def worker_env(devices: int) -> dict[str, str]:
   return env
 
 
-def run_devices(args: argparse.Namespace, devices: int, global_batches: list[int]) -> list[dict]:
-  """The worker's results for `devices` devices and each global batch (stderr passes through)."""
-  command = [sys.executable, str(pathlib.Path(__file__).resolve()), '--worker', str(devices),
-             '--global_batches', ','.join(map(str, global_batches)), '--config', args.config,
-             '--variant', args.variant, '--size', str(args.size), '--repeats', str(args.repeats),
-             '--warmup', str(args.warmup)]
-  if args.features:
-    command += ['--features', ','.join(map(str, args.features))]
-  if args.conv_impl:
-    command += ['--conv_impl', args.conv_impl]
+def run_devices(argv: list[str], devices: int, global_batches: list[int]) -> list[dict]:
+  """The worker's results for `devices` devices and each global batch: this script with the
+  parent's arguments `argv` (stderr passes through)."""
+  command = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, '--worker',
+             str(devices), '--global_batches', ','.join(map(str, global_batches))]
   out = subprocess.run(command, env=worker_env(devices), stdout=subprocess.PIPE, text=True,
                        check=True).stdout
   return [json.loads(line[len(RESULT_PREFIX):]) for line in out.splitlines()
@@ -179,7 +174,7 @@ def run_parent(args: argparse.Namespace, argv) -> list[dict]:
   results, skipped = {}, []
   for n in devices:
     print(f'scaling: {n} device(s), global batches {needed[n]}', file=sys.stderr, flush=True)
-    worker = run_devices(args, n, needed[n])
+    worker = run_devices(sys.argv[1:] if argv is None else list(argv), n, needed[n])
     if 'skipped' in worker[0]:
       skipped.append(f'{n} devices: skipped ({worker[0]["skipped"]})')
       continue
@@ -215,12 +210,7 @@ def run_parent(args: argparse.Namespace, argv) -> list[dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/kits.py', help='config file (get_config(variant))')
-  p.add_argument('--variant', default='unet', help='a row of configs/default.VARIANTS')
-  p.add_argument('--size', type=int, default=64, help='image size (config: data.image_size)')
-  p.add_argument('--features', type=parse_ints, default=None,
-                 help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
-  p.add_argument('--conv_impl', default=None, help='auto | xla | gemm (default: the config\'s)')
+  add_config_arguments(p, variant='unet', size=64, variant_help='a row of configs/default.VARIANTS')
   p.add_argument('--devices', type=parse_ints, default=(1, 2, 4), help='device counts')
   p.add_argument('--per_device_batch', type=int, default=2, help='weak scaling: batch per device')
   p.add_argument('--global_batch', type=int, default=8, help='strong scaling: global batch')

@@ -51,11 +51,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (TOTAL_STEPS, benchmark_config, command_line,  # noqa: E402
-                               compile_train_step, disable_compilation_cache, gemm_thunk,
-                               initial_state, machine_summary, markdown_table, median, parse_ints,
-                               synthetic_batch, time_interleaved, write_csv)
+from benchmarks.common import (TOTAL_STEPS, add_config_arguments,  # noqa: E402
+                               command_line, compile_train_step, config_from_args,
+                               disable_compilation_cache, gemm_thunk, initial_state,
+                               machine_summary, markdown_table, median, time_interleaved,
+                               write_csv)
 from ecm_jax import training  # noqa: E402
+from ecm_jax.data.synthetic import noise_batches  # noqa: E402
 
 HEADER = ('variant', 'framework', 'step s', 'images/s', 'compile s', 'memory MB', 'GFLOP / step',
           '% of peak', 'JAX / PyTorch')
@@ -105,7 +107,7 @@ def _torch_peak_memory_child(config_dict: dict) -> int:
   config = ml_collections.ConfigDict(config_dict)
   _torch_ref()  # the libraries' own memory is not the step's
   before = _resident_bytes()
-  step = TorchTrainStep(config, synthetic_batch(config))
+  step = TorchTrainStep(config, noise_batches(config, 1)[0])
   step.step()
   step.step()
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is in KB
@@ -123,7 +125,7 @@ def torch_peak_memory(config: ml_collections.ConfigDict) -> int | None:
 def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup: int,
                       with_torch: bool, gemm_size: int) -> list[dict]:
   """One CSV row per framework for `config`, the steps and the GEMM timed interleaved."""
-  batch, mesh = synthetic_batch(config), training.make_mesh()
+  batch, mesh = noise_batches(config, 1)[0], training.make_mesh()
   jax_step = compile_train_step(config, mesh, batch, initial_state(config, mesh))
   thunks = {'jax': jax_step.step}
   torch_step = None
@@ -172,14 +174,9 @@ def table_rows(rows: list[dict]) -> list[tuple]:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/kits.py', help='config file (get_config(variant))')
-  p.add_argument('--variant', default='unet,ec_cam_unet',
-                 help='comma-separated rows of configs/default.VARIANTS, benchmarked one by one')
-  p.add_argument('--size', type=int, default=128, help='image size (config: data.image_size)')
+  add_config_arguments(p, variant='unet,ec_cam_unet', size=128, variant_help=(
+      'comma-separated rows of configs/default.VARIANTS, benchmarked one by one'))
   p.add_argument('--batch', type=int, default=4, help='global batch (config: train.batch_size)')
-  p.add_argument('--features', type=parse_ints, default=None,
-                 help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
-  p.add_argument('--conv_impl', default=None, help='auto | xla | gemm (default: the config\'s)')
   p.add_argument('--repeats', type=int, default=5, help='timed rounds (median)')
   p.add_argument('--warmup', type=int, default=1, help='untimed rounds first')
   p.add_argument('--no-torch', dest='torch', action='store_false', help='JAX only')
@@ -194,8 +191,7 @@ def main(argv=None) -> list[dict]:
   disable_compilation_cache()
   rows = []
   for variant in args.variant.split(','):
-    config = benchmark_config(args.config, variant, size=args.size, batch=args.batch,
-                              features=args.features, conv_impl=args.conv_impl)
+    config = config_from_args(args, variant=variant, batch=args.batch)
     rows += benchmark_variant(config, repeats=args.repeats, warmup=args.warmup,
                               with_torch=args.torch, gemm_size=args.gemm_size)
   first = rows[0]

@@ -32,6 +32,11 @@ def fold_ec_block(params: Mapping, batch_stats: Mapping, epsilon: float) -> dict
   return {'conv_folded': {'kernel': kernel, 'bias': bias}}
 
 
+def has_ec_blocks(model_config: ml_collections.ConfigDict) -> bool:
+  """Whether `build_model(model_config)` has EC blocks (`fold_ec` folds them)."""
+  return model_config.name == 'ec_cam_unet' and bool(model_config.ec)
+
+
 def fold_ec(model_config: ml_collections.ConfigDict,
             variables: Mapping) -> tuple[ml_collections.ConfigDict, dict]:
   """(model config, trained variables) of an EC model -> (deploy config, deploy variables).
@@ -41,7 +46,7 @@ def fold_ec(model_config: ml_collections.ConfigDict,
   original eval-mode output. Everything outside the EC blocks is passed through unchanged; the EC
   blocks' batch_stats are dropped (folded into the kernels).
   """
-  if model_config.name != 'ec_cam_unet' or not model_config.ec:
+  if not has_ec_blocks(model_config):
     raise ValueError(f'fold_ec needs model.name=ec_cam_unet with ec=True, got name='
                      f'{model_config.name!r}, ec={model_config.ec}')
   if model_config.ec_folded:

@@ -9,8 +9,21 @@ import numpy as np
 
 from ecm_jax import checkpoint
 from ecm_jax import training
-from ecm_jax.fold import fold_ec
+from ecm_jax.fold import fold_ec, has_ec_blocks
 from ecm_jax.models import attention_maps, build_model
+
+
+def batched_logits(logits_fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """`logits_fn(variables, x)` (N,S,S,K) of slices `images` (N,S,S,C) in batches of `batch_size`,
+  the last one zero-padded so that every call has one (compiled) shape."""
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+    out.append(logits_fn(variables, jnp.asarray(chunk))[:batch_size - pad])
+  return np.concatenate(jax.device_get(out)) if out else np.zeros((0,), np.float32)
 
 
 def _model_differences(run_model: ml_collections.ConfigDict,
@@ -59,7 +72,7 @@ class Predictor:
       manager.close()
     self.variables = {'params': state.params, 'batch_stats': state.batch_stats}
     self.deploy_model, self.deploy_variables = self.model, self.variables
-    if fold and self.config.model.name == 'ec_cam_unet' and self.config.model.ec:
+    if fold and has_ec_blocks(self.config.model):
       deploy_config, self.deploy_variables = fold_ec(self.config.model, self.variables)
       self.deploy_model = build_model(deploy_config)
     self.batch_size = batch_size or self.config.train.eval_batch_size
@@ -67,15 +80,7 @@ class Predictor:
 
   def logits(self, images: np.ndarray) -> np.ndarray:
     """Main-head logits (N,S,S,K) of preprocessed slices (N,S,S,C), in fixed-size batches."""
-    n = len(images)
-    out = []
-    for start in range(0, n, self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      pad = self.batch_size - len(chunk)  # one compiled shape for every batch
-      if pad:
-        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-      out.append(self._logits(self.deploy_variables, jnp.asarray(chunk))[:len(chunk) - pad])
-    return np.concatenate(jax.device_get(out)) if out else np.zeros((0,), np.float32)
+    return batched_logits(self._logits, self.deploy_variables, images, self.batch_size)
 
   def predict(self, images: np.ndarray) -> np.ndarray:
     """Class maps (N,S,S) uint8 of preprocessed slices (N,S,S,C)."""

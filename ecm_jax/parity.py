@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ecm_jax import checkpoint
 from ecm_jax import training
+from ecm_jax.data.synthetic import noise_batches
 from ecm_jax.models import build_model
 from ecm_jax.torch_ref import convert
 from ecm_jax.torch_ref import losses as torch_losses
@@ -189,19 +190,6 @@ def _max_difference(diffs: Sequence[Difference]) -> Difference:
 
 
 # --- inputs and weights --------------------------------------------------------------------------
-
-def make_batches(config: ml_collections.ConfigDict, count: int) -> list[dict]:
-  """`count` batches {'image' (B,H,W,C) float32, 'label' (B,H,W) int32} of normal noise (seed
-  `config.seed`), labels the noise of channel 0 thresholded into `num_classes` classes."""
-  rng = np.random.default_rng(config.seed)
-  b, size, k = config.train.batch_size, config.data.image_size, config.model.num_classes
-  batches = []
-  for _ in range(count):
-    image = rng.normal(size=(b, size, size, config.model.in_channels)).astype(np.float32)
-    label = np.digitize(image[..., 0], np.linspace(0.5, 1.5, max(k - 1, 1))).astype(np.int32)
-    batches.append({'image': image, 'label': label})
-  return batches
-
 
 def init_variables(config: ml_collections.ConfigDict) -> dict:
   """{'params', 'batch_stats'} as a training run from `config.seed` starts (`create_train_state`).
@@ -416,14 +404,12 @@ def run(config: ml_collections.ConfigDict, *, steps: int, variables: Mapping | N
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if float64:
-    if not jax.config.jax_enable_x64:
-      raise ValueError('float64 needs jax.config.update("jax_enable_x64", True) before any JAX '
-                       'computation')
     config.model.dtype = 'float64'
+  build_model(config.model)  # its config errors (e.g. float64 without jax_enable_x64) before any work
   if variables is None:
     variables = init_variables(config)
   variables = _cast(dict(variables), np.float64 if float64 else np.float32)
-  batches = make_batches(config, max(steps, 1))
+  batches = noise_batches(config, max(steps, 1))
   if float64:
     batches = [dict(batch, image=batch['image'].astype(np.float64)) for batch in batches]
   torch_side = run_torch(config, variables, batches, steps,

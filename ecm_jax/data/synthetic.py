@@ -137,3 +137,17 @@ def phantom(rng: np.random.Generator, num_slices: int, size: int):
 
   hu = ndimage.gaussian_filter(hu, sigma=(0, 0.6, 0.6)) + rng.normal(0, NOISE_HU, hu.shape)
   return np.round(hu).astype(np.int16), label
+
+
+def noise_batches(config, count: int) -> list[dict]:
+  """`count` SYNTHETIC train batches of pure noise, for numerics and speed checks (no anatomy):
+  'image' (B,S,S,C) float32 standard normal (seed `config.seed`), 'label' (B,S,S) int32, channel 0
+  thresholded into `model.num_classes` classes. B = `train.batch_size`, S = `data.image_size`."""
+  rng = np.random.default_rng(config.seed)
+  b, size, k = config.train.batch_size, config.data.image_size, config.model.num_classes
+  batches = []
+  for _ in range(count):
+    image = rng.normal(size=(b, size, size, config.model.in_channels)).astype(np.float32)
+    label = np.digitize(image[..., 0], np.linspace(0.5, 1.5, max(k - 1, 1))).astype(np.int32)
+    batches.append({'image': image, 'label': label})
+  return batches
