@@ -22,6 +22,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>).')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Continue a run in --workdir even though its config differs.')
+_RETAIN_HOST_MEMORY = flags.DEFINE_bool(
+    'retain_host_memory', True, 'Keep freed host memory for reuse instead of returning it to the '
+    'kernel (ecm_jax.host_memory: no page faults on every step\'s buffers; faster on CPU).')
 
 
 def default_workdir(config_arg: str) -> pathlib.Path:
@@ -69,6 +72,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+  if _RETAIN_HOST_MEMORY.value:
+    from ecm_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.retain_freed_memory()  # before JAX starts its threads
   maybe_initialize_distributed()
   from ecm_jax import trainer, training  # pylint: disable=g-import-not-at-top  (after distributed init)
   training.enable_compilation_cache()

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ecm_jax import training
+from ecm_jax import host_memory, training
 from ecm_jax.models import build_model
 
 # The learning-rate schedule's length for benchmark steps (the schedule's value has no effect on
@@ -89,7 +89,8 @@ def parse_ints(text: str) -> tuple[int, ...]:
 def add_config_arguments(parser: argparse.ArgumentParser, *, variant: str, variant_help: str,
                          size: int) -> None:
   """The arguments every benchmark builds its config from: --config, --variant, --size,
-  --features, --conv_impl (`config_from_args` reads them)."""
+  --features, --conv_impl (`config_from_args` reads them); and --host_memory
+  (`prepare_process`)."""
   parser.add_argument('--config', default='configs/kits.py',
                       help='config file (get_config(variant))')
   parser.add_argument('--variant', default=variant, help=variant_help)
@@ -98,6 +99,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, variant: str, varia
                       help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
   parser.add_argument('--conv_impl', default=None,
                       help='auto | xla | gemm (default: the config\'s)')
+  parser.add_argument('--host_memory', choices=('retain', 'default'), default='retain',
+                      help='retain: glibc keeps freed memory, as train.py and eval.py run '
+                      '(ecm_jax.host_memory); default: the C library\'s own behaviour')
 
 
 def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
@@ -115,9 +119,14 @@ def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
   return config
 
 
-def disable_compilation_cache() -> None:
-  """Compile times are measured, so no compiled program may come from the persistent cache."""
+def prepare_process(args: argparse.Namespace) -> str:
+  """First thing in a benchmark process: the host allocator of --host_memory, and no persistent
+  compilation cache (compile times are measured). Returns the allocator in effect, for the
+  report ('retain' where glibc's mallopt is missing is 'default')."""
   jax.config.update('jax_enable_compilation_cache', False)
+  if args.host_memory == 'retain' and host_memory.retain_freed_memory():
+    return 'retain'
+  return 'default'
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
-                               config_from_args, disable_compilation_cache, machine_summary,
+                               config_from_args, prepare_process, machine_summary,
                                markdown_table, median, random_variables, time_interleaved,
                                write_csv)
 from ecm_jax.fold import fold_ec, has_ec_blocks  # noqa: E402
@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> tuple[list[dict], float, float]:
   """Runs the benchmark and prints the table; returns `benchmark`'s result."""
   args = parse_args(argv)
-  disable_compilation_cache()
+  allocator = prepare_process(args)
   if args.workdir:
     predictor = Predictor(args.workdir, args.checkpoint, fold=False)
     config, variables = predictor.config, predictor.variables
@@ -124,7 +124,8 @@ def main(argv=None) -> tuple[list[dict], float, float]:
         f'({model_config.name}), '
         f'{size}x{size}, features {"-".join(map(str, model_config.features))}, conv_impl '
         f'{model_config.conv_impl}, batch {args.batch}, volume {args.slices} slices; weights: '
-        f'{source}; median of {args.repeats} interleaved rounds after 1 warm-up')
+        f'{source}; median of {args.repeats} interleaved rounds after 1 warm-up; host memory '
+        f'{allocator}')
   print(machine_summary())
   print(command_line('inference.py', argv) + '\n')
   print(markdown_table(HEADER, [

@@ -35,7 +35,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
-                               compile_train_step, config_from_args, disable_compilation_cache,
+                               compile_train_step, config_from_args, prepare_process,
                                host_summary, markdown_table, median, parse_ints,
                                random_train_state, time_interleaved, write_csv)
 from ecm_jax import training  # noqa: E402
@@ -53,7 +53,7 @@ HEADER = ('mode', 'devices', 'global batch', 'step s', 'images/s', 'efficiency',
 def run_worker(args: argparse.Namespace) -> None:
   """Times the step on the first `args.worker` devices for each of `args.global_batches`; prints one
   RESULT JSON line per batch (or one {'skipped': reason} line)."""
-  disable_compilation_cache()
+  prepare_process(args)
   n = args.worker
   base = {'devices': n, 'platform': jax.default_backend(),
           'device_kind': jax.devices()[0].device_kind}

@@ -31,6 +31,10 @@ Columns:
 The first-step losses of both sides are printed too (same weights, same batch: they agree to
 float32 rounding).
 
+Host memory: both steps run in this one process, so they share its allocator: --host_memory
+retain (default) keeps freed memory for reuse as train.py does (`ecm_jax.host_memory`); it makes
+both steps faster, PyTorch's more. --host_memory default is what each framework gets out of the box.
+
 Threads: PyTorch uses `torch.get_num_threads()` OpenMP threads (OMP_NUM_THREADS), XLA its own pool
 over every core. When other jobs load the machine, OpenMP's barriers suffer far more than XLA's
 pool (measured here: the PyTorch step 1.8x slower with 2 threads under load than with 1 pinned
@@ -53,7 +57,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (TOTAL_STEPS, add_config_arguments,  # noqa: E402
                                command_line, compile_train_step, config_from_args,
-                               disable_compilation_cache, gemm_thunk, initial_state,
+                               prepare_process, gemm_thunk, initial_state,
                                machine_summary, markdown_table, median, time_interleaved,
                                write_csv)
 from ecm_jax import training  # noqa: E402
@@ -188,7 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
   """Runs the benchmark, prints the markdown table; returns the rows (as written with --csv)."""
   args = parse_args(argv)
-  disable_compilation_cache()
+  allocator = prepare_process(args)
   rows = []
   for variant in args.variant.split(','):
     config = config_from_args(args, variant=variant, batch=args.batch)
@@ -201,7 +205,8 @@ def main(argv=None) -> list[dict]:
     versions = f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads) vs ' + versions
   print(f'\n# Train step: {first["size"]}x{first["size"]}, global batch {first["batch"]}, '
         f'features {first["features"]}, conv_impl {first["conv_impl"]}, float32; median of '
-        f'{args.repeats} interleaved rounds after {args.warmup} warm-up')
+        f'{args.repeats} interleaved rounds after {args.warmup} warm-up; host memory '
+        f'{allocator} (both frameworks: one process)')
   print(f'{machine_summary()}; {versions}; GEMM peak ({args.gemm_size}^3 matmul, same rounds) '
         + ', '.join(f"{r['gemm_peak_gflops']:.0f}" for r in rows if r['framework'] == 'JAX')
         + ' GFLOP/s')
