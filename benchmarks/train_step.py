@@ -34,6 +34,8 @@ float32 rounding).
 Host memory: both steps run in this one process, so they share its allocator: --host_memory
 retain (default) keeps freed memory for reuse as train.py does (`ecm_jax.host_memory`); it makes
 both steps faster, PyTorch's more. --host_memory default is what each framework gets out of the box.
+Retained, the process holds both frameworks' peaks at once: at 512x512 with full widths that is
+more than 24 GiB (use --no-torch, or --host_memory default).
 
 Threads: PyTorch uses `torch.get_num_threads()` OpenMP threads (OMP_NUM_THREADS), XLA its own pool
 over every core. When other jobs load the machine, OpenMP's barriers suffer far more than XLA's
