@@ -124,9 +124,7 @@ def prepare_process(args: argparse.Namespace) -> str:
   compilation cache (compile times are measured). Returns the allocator in effect, for the
   report ('retain' where glibc's mallopt is missing is 'default')."""
   jax.config.update('jax_enable_compilation_cache', False)
-  if args.host_memory == 'retain' and host_memory.retain_freed_memory():
-    return 'retain'
-  return 'default'
+  return 'retain' if host_memory.configure(args.host_memory) else 'default'
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ The first-step losses of both sides are printed too (same weights, same batch: t
 float32 rounding).
 
 Host memory: both steps run in this one process, so they share its allocator: --host_memory
-retain (default) keeps freed memory for reuse as train.py does (`ecm_jax.host_memory`); it makes
+retain (default) keeps freed memory for reuse as train.py does on CPU (`ecm_jax.host_memory`); it makes
 both steps faster, PyTorch's more. --host_memory default is what each framework gets out of the box.
 Retained, the process holds both frameworks' peaks at once: at 512x512 with full widths that is
 more than 24 GiB (use --no-torch, or --host_memory default).

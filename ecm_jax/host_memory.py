@@ -15,12 +15,20 @@ reaches it every step anyway; the demo's peak RSS even fell, 1.28 -> 1.16 GB); X
 This is what `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>` do when set
 before a process starts; `mallopt` does it from inside the process. It holds for threads that
 have not allocated yet, so call it first thing (train.py and eval.py do, before JAX creates its
-threads; called after the first compilation it no longer helps). Device memory (GPU/TPU) is not
-affected.
+threads; called after the first compilation it no longer helps).
+
+On GPUs and TPUs the step's buffers are device memory, so retaining host memory gains nothing
+there and would only slow compilation: mode 'auto' (`resolve`) retains only when JAX will run on the
+CPU, decided without starting JAX (JAX_PLATFORMS, else whether a GPU/TPU plugin is installed).
 """
 
 import ctypes
 import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+
+MODES = ('auto', 'retain', 'default')
 
 # mallopt parameters (glibc malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -41,3 +49,27 @@ def retain_freed_memory() -> bool:
   # never trim.
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def accelerator_plugin_installed() -> bool:
+  """Whether JAX can find a GPU or TPU backend here (a PJRT plugin or libtpu), without starting
+  JAX (which would create the threads `retain_freed_memory` must precede)."""
+  return bool(importlib.metadata.entry_points(group='jax_plugins')
+              or importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu'))
+
+
+def resolve(mode: str) -> str:
+  """'retain' or 'default' for host-memory `mode`: 'retain', 'default', or 'auto' = 'retain' when
+  JAX will run on the CPU (JAX_PLATFORMS is 'cpu', or unset with no GPU/TPU plugin installed)."""
+  if mode not in MODES:
+    raise ValueError(f'host memory mode must be one of {MODES}, got {mode!r}')
+  if mode != 'auto':
+    return mode
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  on_cpu = platforms == 'cpu' or (not platforms and not accelerator_plugin_installed())
+  return 'retain' if on_cpu else 'default'
+
+
+def configure(mode: str) -> bool:
+  """Applies `resolve(mode)`; returns whether freed memory is now retained."""
+  return resolve(mode) == 'retain' and retain_freed_memory()

@@ -1,4 +1,4 @@
-"""retain_freed_memory: a freed large block is reused without page faults (Linux/glibc)."""
+"""host_memory: a freed large block is reused without page faults (Linux/glibc); which mode runs."""
 
 import pathlib
 import subprocess
@@ -6,6 +6,8 @@ import sys
 import textwrap
 
 import pytest
+
+from ecm_jax import host_memory
 
 # In a fresh process (mallopt changes the whole process): fill a 256 MB array twice, freeing it in
 # between, and print the minor page faults of the second fill.
@@ -41,3 +43,22 @@ def test_retained_block_is_reused_without_page_faults():
   # (fewer if the kernel backs it with huge pages).
   assert _second_fill_faults('default') > pages // 1000
   assert retained < 100
+
+
+@pytest.mark.parametrize('platforms, plugin, expected', [
+    ('cpu', True, 'retain'),      # forced onto the CPU although a GPU plugin is installed
+    ('', False, 'retain'),        # only the CPU backend is installed
+    ('', True, 'default'),        # a GPU/TPU will run: its buffers are device memory
+    ('cuda', False, 'default'),
+])
+def test_auto_retains_only_on_cpu(monkeypatch, platforms, plugin, expected):
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  monkeypatch.setattr(host_memory, 'accelerator_plugin_installed', lambda: plugin)
+  assert host_memory.resolve('auto') == expected
+  assert host_memory.resolve('retain') == 'retain'
+  assert host_memory.resolve('default') == 'default'
+
+
+def test_unknown_mode_is_refused():
+  with pytest.raises(ValueError, match="one of \\('auto', 'retain', 'default'\\), got 'keep'"):
+    host_memory.resolve('keep')
