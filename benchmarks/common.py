@@ -99,9 +99,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, variant: str, varia
                       help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
   parser.add_argument('--conv_impl', default=None,
                       help='auto | xla | gemm (default: the config\'s)')
-  parser.add_argument('--host_memory', choices=('retain', 'default'), default='retain',
-                      help='retain: glibc keeps freed memory, as train.py and eval.py run '
-                      '(ecm_jax.host_memory); default: the C library\'s own behaviour')
+  parser.add_argument('--host_memory', choices=host_memory.MODES, default='auto',
+                      help='this process\'s host allocator, as train.py\'s --host_memory: auto '
+                      '(retain on CPU), retain (keep freed memory: ecm_jax.host_memory), default '
+                      '(the C library\'s own behaviour)')
 
 
 def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
@@ -121,8 +122,8 @@ def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
 
 def prepare_process(args: argparse.Namespace) -> str:
   """First thing in a benchmark process: the host allocator of --host_memory, and no persistent
-  compilation cache (compile times are measured). Returns the allocator in effect, for the
-  report ('retain' where glibc's mallopt is missing is 'default')."""
+  compilation cache (compile times are measured). Returns the allocator in effect, 'retain' or
+  'default', for the report."""
   jax.config.update('jax_enable_compilation_cache', False)
   return 'retain' if host_memory.configure(args.host_memory) else 'default'
 

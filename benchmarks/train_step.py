@@ -2,7 +2,7 @@
 
   python benchmarks/train_step.py --config configs/kits.py --variant unet,ec_cam_unet \
       --size 128 --batch 4 --repeats 5 [--features 64,128,256,512,1024] [--no-torch] \
-      [--conv_impl auto] [--csv train_step.csv]
+      [--conv_impl auto] [--host_memory auto] [--torch_host_memory default] [--csv train_step.csv]
 
 Per variant, the JAX step is built as training builds it (`training.make_optimizer`,
 `create_train_state`, `make_mesh` over every device, `replicate`, `shard_batch`, `jit_train_step`:
@@ -19,9 +19,9 @@ Columns:
                      cache disabled.
   memory MB          JAX: XLA's buffer assignment for one device (`compiled.memory_analysis()`:
                      arguments + outputs - donated aliases + temporaries). PyTorch: the increase of
-                     the peak resident set size of a fresh process (after its imports) over
-                     building the model and optimizer and two steps: parameters, gradients, Adam
-                     moments, activations and allocator overhead.
+                     the peak resident set size of its process (after its imports) over building
+                     the model and optimizer and every step of the run: parameters, gradients,
+                     Adam moments, activations and allocator overhead.
   GFLOP / step       XLA's cost analysis of the compiled JAX step (all devices; a multiply-add is
                      2 FLOPs). It counts the operations of the step as compiled: the 'gemm'
                      kernels' extra work on zero padding included. The PyTorch row uses the same
@@ -31,11 +31,12 @@ Columns:
 The first-step losses of both sides are printed too (same weights, same batch: they agree to
 float32 rounding).
 
-Host memory: both steps run in this one process, so they share its allocator: --host_memory
-retain (default) keeps freed memory for reuse as train.py does on CPU (`ecm_jax.host_memory`); it makes
-both steps faster, PyTorch's more. --host_memory default is what each framework gets out of the box.
-Retained, the process holds both frameworks' peaks at once: at 512x512 with full widths that is
-more than 24 GiB (use --no-torch, or --host_memory default).
+Host memory: the PyTorch step runs in a process of its own, so each framework has its own host
+allocator: --host_memory for JAX (default auto: retained on CPU, as train.py runs), and
+--torch_host_memory for PyTorch (default: glibc's own behaviour, as PyTorch runs out of the box).
+Retaining freed memory (`ecm_jax.host_memory`) spares every step the page faults of its freshly
+mapped buffers, and speeds up both frameworks; compare with both set alike as well as as shipped.
+A retained process holds its peak: at 512x512 with full widths two of them exceed 24 GiB.
 
 Threads: PyTorch uses `torch.get_num_threads()` OpenMP threads (OMP_NUM_THREADS), XLA its own pool
 over every core. When other jobs load the machine, OpenMP's barriers suffer far more than XLA's
@@ -45,7 +46,6 @@ thread), which flatters the JAX/PyTorch ratio. Compare on an idle machine, or pi
 """
 
 import argparse
-import concurrent.futures
 import multiprocessing
 import pathlib
 import resource
@@ -62,7 +62,7 @@ from benchmarks.common import (TOTAL_STEPS, add_config_arguments,  # noqa: E402
                                prepare_process, gemm_thunk, initial_state,
                                machine_summary, markdown_table, median, time_interleaved,
                                write_csv)
-from ecm_jax import training  # noqa: E402
+from ecm_jax import host_memory, training  # noqa: E402
 from ecm_jax.data.synthetic import noise_batches  # noqa: E402
 
 HEADER = ('variant', 'framework', 'step s', 'images/s', 'compile s', 'memory MB', 'GFLOP / step',
@@ -108,28 +108,56 @@ def _resident_bytes() -> int:
     return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _torch_peak_memory_child(config_dict: dict) -> int:
-  """In a fresh process: peak RSS increase over building the torch model and two steps (bytes)."""
-  config = ml_collections.ConfigDict(config_dict)
+def _torch_worker(connection, config_dict: dict, batch: dict, variables: dict,
+                  host_memory_mode: str) -> None:
+  """The PyTorch process: its own host allocator (`host_memory_mode`), a `TorchTrainStep`, then
+  one step per 'step' message (replying with the loss) until 'stop', which it answers with the
+  peak RSS increase over building the model and optimizer and every step (bytes; None off
+  Linux)."""
+  host_memory.configure(host_memory_mode)
   _torch_ref()  # the libraries' own memory is not the step's
-  before = _resident_bytes()
-  step = TorchTrainStep(config, noise_batches(config, 1)[0])
-  step.step()
-  step.step()
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is in KB
+  linux = sys.platform.startswith('linux')
+  before = _resident_bytes() if linux else 0
+  step = TorchTrainStep(ml_collections.ConfigDict(config_dict), batch, variables)
+  connection.send('ready')
+  while connection.recv() == 'step':
+    connection.send(step.step()['loss'])
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if linux else None  # KB
+  connection.send(None if peak is None else peak - before)
 
 
-def torch_peak_memory(config: ml_collections.ConfigDict) -> int | None:
-  """PyTorch's training memory for `config` (see the module docstring), or None off Linux."""
-  if not sys.platform.startswith('linux'):
-    return None
-  context = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-    return pool.submit(_torch_peak_memory_child, config.to_dict()).result()
+class TorchStepProcess:
+  """`TorchTrainStep` in a process of its own, so that each framework runs with its own host
+  allocator (--host_memory for JAX, --torch_host_memory for PyTorch). `step()` is a
+  `time_interleaved` thunk (the message round trip costs well under a millisecond);
+  `close()` returns the peak memory (see `_torch_worker`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
+               variables: dict, host_memory_mode: str):
+    context = multiprocessing.get_context('spawn')
+    self._connection, child = context.Pipe()
+    self._process = context.Process(target=_torch_worker, args=(
+        child, config.to_dict(), batch, variables, host_memory_mode), daemon=True)
+    self._process.start()
+    if self._connection.recv() != 'ready':
+      raise RuntimeError('the PyTorch step process failed to start')
+    self.losses = []
+
+  def step(self) -> float:
+    self._connection.send('step')
+    self.losses.append(self._connection.recv())
+    return self.losses[-1]
+
+  def close(self) -> int | None:
+    self._connection.send('stop')
+    memory = self._connection.recv()
+    self._process.join()
+    return memory
 
 
 def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup: int,
-                      with_torch: bool, gemm_size: int) -> list[dict]:
+                      with_torch: bool, gemm_size: int,
+                      torch_host_memory: str = 'default') -> list[dict]:
   """One CSV row per framework for `config`, the steps and the GEMM timed interleaved."""
   batch, mesh = noise_batches(config, 1)[0], training.make_mesh()
   jax_step = compile_train_step(config, mesh, batch, initial_state(config, mesh))
@@ -138,7 +166,7 @@ def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup
   if with_torch:
     variables = jax.device_get({'params': jax_step.state.params,
                                 'batch_stats': jax_step.state.batch_stats})
-    torch_step = TorchTrainStep(config, batch, variables)
+    torch_step = TorchStepProcess(config, batch, variables, torch_host_memory)
     thunks['torch'] = torch_step.step
   thunks['gemm'], gemm_flops = gemm_thunk(gemm_size)
   times = {name: median(t) for name, t in time_interleaved(thunks, repeats, warmup).items()}
@@ -155,7 +183,7 @@ def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup
                fraction_of_peak=flops / times['jax'] / peak,
                first_loss=float(jax_step.losses[0]), jax_over_torch=float('nan'))]
   if torch_step is not None:
-    memory = torch_peak_memory(config)
+    memory = torch_step.close()
     rows[0]['jax_over_torch'] = times['jax'] / times['torch']
     rows.append(dict(common, framework='PyTorch', step_s=times['torch'],
                      images_per_s=config.train.batch_size / times['torch'],
@@ -186,6 +214,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--repeats', type=int, default=5, help='timed rounds (median)')
   p.add_argument('--warmup', type=int, default=1, help='untimed rounds first')
   p.add_argument('--no-torch', dest='torch', action='store_false', help='JAX only')
+  p.add_argument('--torch_host_memory', choices=('retain', 'default'), default='default',
+                 help='host allocator of the PyTorch process (see --host_memory)')
   p.add_argument('--gemm_size', type=int, default=2048, help='n of the n^3 matmul giving the peak')
   p.add_argument('--csv', default=None, help='also write the rows to this CSV file')
   return p.parse_args(argv)
@@ -199,7 +229,10 @@ def main(argv=None) -> list[dict]:
   for variant in args.variant.split(','):
     config = config_from_args(args, variant=variant, batch=args.batch)
     rows += benchmark_variant(config, repeats=args.repeats, warmup=args.warmup,
-                              with_torch=args.torch, gemm_size=args.gemm_size)
+                              with_torch=args.torch, gemm_size=args.gemm_size,
+                              torch_host_memory=args.torch_host_memory)
+  for row in rows:
+    row['host_memory'] = allocator if row['framework'] == 'JAX' else args.torch_host_memory
   first = rows[0]
   versions = f'jax {jax.__version__}'
   if args.torch:
@@ -207,8 +240,8 @@ def main(argv=None) -> list[dict]:
     versions = f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads) vs ' + versions
   print(f'\n# Train step: {first["size"]}x{first["size"]}, global batch {first["batch"]}, '
         f'features {first["features"]}, conv_impl {first["conv_impl"]}, float32; median of '
-        f'{args.repeats} interleaved rounds after {args.warmup} warm-up; host memory '
-        f'{allocator} (both frameworks: one process)')
+        f'{args.repeats} interleaved rounds after {args.warmup} warm-up; host memory: JAX '
+        f'{allocator}' + (f', PyTorch {args.torch_host_memory}' if args.torch else ''))
   print(f'{machine_summary()}; {versions}; GEMM peak ({args.gemm_size}^3 matmul, same rounds) '
         + ', '.join(f"{r['gemm_peak_gflops']:.0f}" for r in rows if r['framework'] == 'JAX')
         + ' GFLOP/s')

@@ -12,7 +12,9 @@ import pytest
 
 from benchmarks import inference, scaling, train_step
 
-TINY = ['--features', '4,8,8,16,16', '--size', '32', '--conv_impl', 'xla', '--repeats', '1']
+# --host_memory default: retaining would change the allocator of the whole pytest process.
+TINY = ['--features', '4,8,8,16,16', '--size', '32', '--conv_impl', 'xla', '--repeats', '1',
+        '--host_memory', 'default']
 
 
 def _positive(value) -> bool:
@@ -27,9 +29,10 @@ def _read_csv(path) -> list[dict]:
 def test_train_step_jax_vs_torch(tmp_path, capsys):
   path = tmp_path / 'train_step.csv'
   rows = train_step.main(TINY + ['--variant', 'unet', '--batch', '2', '--gemm_size', '256',
-                                 '--csv', str(path)])
+                                 '--torch_host_memory', 'retain', '--csv', str(path)])
   out = capsys.readouterr().out
   assert '| variant | framework | step s |' in out
+  assert 'host memory: JAX default, PyTorch retain' in out  # PyTorch in its own process
   assert '| unet | JAX |' in out and '| unet | PyTorch |' in out
   jax_row, torch_row = rows
   for key in ('step_s', 'images_per_s', 'memory_mb', 'gflop_per_step', 'fraction_of_peak',
@@ -39,7 +42,8 @@ def test_train_step_jax_vs_torch(tmp_path, capsys):
   # Same initial weights and batch on both sides: the same first loss up to float32 rounding.
   assert jax_row['first_loss'] == pytest.approx(torch_row['first_loss'], rel=1e-5)
   written = _read_csv(path)
-  assert [r['framework'] for r in written] == ['JAX', 'PyTorch']
+  assert [(r['framework'], r['host_memory']) for r in written] == [('JAX', 'default'),
+                                                                   ('PyTorch', 'retain')]
   assert set(written[0]) == set(jax_row)
 
 
