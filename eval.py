@@ -30,9 +30,10 @@ _PREDICT = flags.DEFINE_string('predict', None, 'A .nii.gz scan or a folder of t
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the masks of --predict.')
 _FOLD = flags.DEFINE_bool('fold', True, 'Use the EC fold (one 3x3 conv per EC block) for inference.')
 _HOST_MEMORY = flags.DEFINE_enum(
-    'host_memory', 'auto', ['auto', 'retain', 'default'], 'retain: keep freed host memory for '
-    'reuse (no page faults on every step\'s buffers: 10-50 % faster steps on CPU, slower compiles); '
-    'auto: retain when running on the CPU; default: the C library\'s behaviour (ecm_jax.host_memory).')
+    'host_memory', 'auto', ['auto', 'retain', 'default'],
+    'retain: keep freed host memory for reuse (no page faults on every step\'s buffers: 10-50 % '
+    'faster steps on CPU, slower compiles); auto: retain when running on the CPU; default: the C '
+    'library\'s behaviour (ecm_jax.host_memory).')
 
 
 def main(argv):

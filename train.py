@@ -23,9 +23,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<c
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Continue a run in --workdir even though its config differs.')
 _HOST_MEMORY = flags.DEFINE_enum(
-    'host_memory', 'auto', ['auto', 'retain', 'default'], 'retain: keep freed host memory for '
-    'reuse (no page faults on every step\'s buffers: 10-50 % faster steps on CPU, slower compiles); '
-    'auto: retain when running on the CPU; default: the C library\'s behaviour (ecm_jax.host_memory).')
+    'host_memory', 'auto', ['auto', 'retain', 'default'],
+    'retain: keep freed host memory for reuse (no page faults on every step\'s buffers: 10-50 % '
+    'faster steps on CPU, slower compiles); auto: retain when running on the CPU; default: the C '
+    'library\'s behaviour (ecm_jax.host_memory).')
 
 
 def default_workdir(config_arg: str) -> pathlib.Path:

@@ -35,8 +35,8 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
-                               compile_train_step, config_from_args, prepare_process,
-                               host_summary, markdown_table, median, parse_ints,
+                               compile_train_step, config_from_args, host_summary,
+                               markdown_table, median, parse_ints, prepare_process,
                                random_train_state, time_interleaved, write_csv)
 from ecm_jax import training  # noqa: E402
 from ecm_jax.data.synthetic import noise_batches  # noqa: E402

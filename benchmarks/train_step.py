@@ -58,10 +58,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (TOTAL_STEPS, add_config_arguments,  # noqa: E402
-                               command_line, compile_train_step, config_from_args,
-                               prepare_process, gemm_thunk, initial_state,
-                               machine_summary, markdown_table, median, time_interleaved,
-                               write_csv)
+                               command_line, compile_train_step, config_from_args, gemm_thunk,
+                               initial_state, machine_summary, markdown_table, median,
+                               prepare_process, time_interleaved, write_csv)
 from ecm_jax import host_memory, training  # noqa: E402
 from ecm_jax.data.synthetic import noise_batches  # noqa: E402
 
@@ -139,8 +138,11 @@ class TorchStepProcess:
     self._process = context.Process(target=_torch_worker, args=(
         child, config.to_dict(), batch, variables, host_memory_mode), daemon=True)
     self._process.start()
-    if self._connection.recv() != 'ready':
-      raise RuntimeError('the PyTorch step process failed to start')
+    try:
+      self._connection.recv()  # 'ready'
+    except EOFError:
+      raise RuntimeError('the PyTorch step process exited before its first step (its error is '
+                         'printed above)') from None
     self.losses = []
 
   def step(self) -> float:
