@@ -18,6 +18,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ecm_jax import host_memory  # no JAX: set up before JAX starts (main)
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (optional: checked against '
                                           'the run).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory written by train.py.')
@@ -29,11 +31,8 @@ _PREDICT = flags.DEFINE_string('predict', None, 'A .nii.gz scan or a folder of t
                                '(instead of evaluating a split).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the masks of --predict.')
 _FOLD = flags.DEFINE_bool('fold', True, 'Use the EC fold (one 3x3 conv per EC block) for inference.')
-_HOST_MEMORY = flags.DEFINE_enum(
-    'host_memory', 'auto', ['auto', 'retain', 'default'],
-    'retain: keep freed host memory for reuse (no page faults on every step\'s buffers: 10-50 % '
-    'faster steps on CPU, slower compiles); auto: retain when running on the CPU; default: the C '
-    'library\'s behaviour (ecm_jax.host_memory).')
+_HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto', host_memory.MODES,
+                                 host_memory.FLAG_HELP)
 
 
 def main(argv):
@@ -41,7 +40,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  from ecm_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.configure(_HOST_MEMORY.value)  # before JAX starts its threads
   if _PREDICT.value and not _OUTPUT.value:
     raise app.UsageError('--predict needs --output (a folder for the masks)')

@@ -18,15 +18,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ecm_jax import host_memory  # no JAX: set up before JAX starts (main)
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>).')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False, 'Continue a run in --workdir even though its config differs.')
-_HOST_MEMORY = flags.DEFINE_enum(
-    'host_memory', 'auto', ['auto', 'retain', 'default'],
-    'retain: keep freed host memory for reuse (no page faults on every step\'s buffers: 10-50 % '
-    'faster steps on CPU, slower compiles); auto: retain when running on the CPU; default: the C '
-    'library\'s behaviour (ecm_jax.host_memory).')
+_HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto', host_memory.MODES,
+                                 host_memory.FLAG_HELP)
 
 
 def default_workdir(config_arg: str) -> pathlib.Path:
@@ -74,7 +73,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  from ecm_jax import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.configure(_HOST_MEMORY.value)  # before JAX starts its threads
   maybe_initialize_distributed()
   from ecm_jax import trainer, training  # pylint: disable=g-import-not-at-top  (after distributed init)

@@ -100,9 +100,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, variant: str, varia
   parser.add_argument('--conv_impl', default=None,
                       help='auto | xla | gemm (default: the config\'s)')
   parser.add_argument('--host_memory', choices=host_memory.MODES, default='auto',
-                      help='this process\'s host allocator, as train.py\'s --host_memory: auto '
-                      '(retain on CPU), retain (keep freed memory: ecm_jax.host_memory), default '
-                      '(the C library\'s own behaviour)')
+                      help='this process\'s host allocator: ' + host_memory.FLAG_HELP)
 
 
 def config_from_args(args: argparse.Namespace, *, variant: str | None = None,

@@ -158,8 +158,7 @@ class TorchStepProcess:
 
 
 def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup: int,
-                      with_torch: bool, gemm_size: int,
-                      torch_host_memory: str = 'default') -> list[dict]:
+                      with_torch: bool, gemm_size: int, torch_host_memory: str) -> list[dict]:
   """One CSV row per framework for `config`, the steps and the GEMM timed interleaved."""
   batch, mesh = noise_batches(config, 1)[0], training.make_mesh()
   jax_step = compile_train_step(config, mesh, batch, initial_state(config, mesh))
