@@ -9,18 +9,18 @@ Convolution implementations (`impl` of `conv2d`):
           where the library convolutions are fast in all three passes.
   'gemm'  a `jax.custom_vjp` convolution for XLA:CPU, whose forward and input-gradient convolutions
           run near matmul speed but whose weight gradient runs several times slower, and whose
-          convolutions on small maps (8x8 and less) are slow in every pass. Here:
-          - the weight gradient is a few large matmuls over shifted rows of the flattened, padded
-            maps (`_dw_shifted`); on small maps, one matmul per tap over exactly the pixels that
-            meet (`_dw_cropped`);
+          convolutions on small maps (16x16 and less) are slow in every pass. Here:
+          - the weight gradient is matmuls over shifted rows of the flattened, padded maps
+            (`_dw_shifted`), on large maps in cache-sized chunks of rows; on small maps, one
+            matmul per tap over exactly the pixels that meet (`_dw_cropped`);
           - forward and input gradient stay `lax.conv`, except on small maps and for large
             dilations (ASPP), where they are sums of per-tap matmuls over the overlapping regions
             (`_tap_sum`), spending nothing on zero padding;
           - taps that only ever reach zero padding (dilation 12/18 on an 8x8 map) are dropped; a
             single remaining tap, or a 1x1 kernel, is one matmul.
-          Costs: more temporary memory on large maps (a transposed copy of x and one group of
-          shifted slices: 82 MB instead of 48 MB for a 4x128x128x64 conv's fwd+bwd), and more XLA
-          kernels to compile (about +0.3 to +0.9 s of compile CPU time per conv layer).
+          Costs: more temporary memory (a transposed, padded copy of x or g: 50 MB instead of 32 MB
+          for the forward and gradients of a 4x128x128x64 -> 64 conv), and more XLA kernels to
+          compile (about +0.3 to +0.9 s of compile CPU time per conv layer).
   'auto'  'gemm' when the computation is lowered for CPU, 'xla' for any other platform. The choice
           is made per lowering by `lax.platform_dependent` (not by `jax.default_backend()`), so a
           function jitted for a GPU device from a CPU-default process still gets 'xla'.
@@ -40,20 +40,26 @@ IMPLS = ('auto', 'xla', 'gemm')
 # input gradient as per-tap matmuls over the overlapping regions instead of `lax.conv`, and the
 # weight gradient with per-tap crops instead of shifts of the zero-padded map. A 3x3 conv has
 # ratio 1.13 on 32x32, 1.27 on 16x16, 1.56 on 8x8; dilation 6/12/18 on the ASPP maps 1.9 and more.
-# From interleaved timings of both variants on the U-Net shapes (batch 4): on 16x16 lax.conv's
-# forward and the cropped weight gradient are fastest (shifted: 1.3x slower); on 8x8 the per-tap
-# forward beats lax.conv 2-2.5x and the cropped weight gradient beats the shifted one 1.7x.
-_CROP_FWD_RATIO = 1.4
-_CROP_DW_RATIO = 1.2
-# The shifted-row weight gradient stacks the taps of a group into one matmul with at least this
-# many rows: XLA:CPU runs a (64, n) @ (n, 64) matmul with n in the 100,000s far below peak (nearly
-# single-threaded), and a taller one faster. Interleaved timings of the weight gradient alone
-# (benchmark: stacking 1, 3 or 9 taps of 64 channels), batch 4: at 256x256, 64 -> 64 channels,
-# 496 / 303 / 567 ms (temporaries 195 / 325 / 714 MB); 128 -> 64: 606 / 366 / 648 ms; at 128x128,
-# 64 -> 128: 81 / 74 / 119 ms. So 192 rows: 3 taps of a 64-channel map, one of 192 and more. The
-# groups are at most a third of the taps: stacking all 3 taps of a 1x3 or 3x1 kernel (one matmul,
-# no scan) is 1.2x slower than 3 scanned ones (64 -> 64 at 128x128 and at 256x256).
+# Interleaved timings with freed memory retained (`host_memory`), batch 4, lax.conv / per-tap
+# forward: 1024 -> 1024 channels at 16x16: 59 / 43 ms; 1024 -> 512: 31 / 22 ms; 512 -> 512 at 32x32:
+# 55 / 49 ms, yet the whole U-Net step is 1-3 % slower with the per-tap forward on 32x32 too;
+# shifted / cropped weight gradient at 16x16: 60 / 51 ms and 43 / 32 ms, at 32x32 56 / 56 ms and
+# 116 / 125 ms (1024 -> 512).
+_CROP_RATIO = 1.2
+# For maps with fewer rows than `_DW_CHUNK_MIN_ROWS`, the shifted-row weight gradient stacks the
+# taps of a group into one matmul with at least this many rows: XLA:CPU runs a (64, n) @ (n, 64)
+# matmul with n in the 100,000s far below peak (nearly single-threaded), a taller one faster; the
+# groups are at most a third of the taps (measured before chunking, on 128x128 and 256x256 maps).
 _DW_MIN_WIDTH = 192
+# From this many rows (batch x padded height x padded width; a batch of 4 64x64 maps has 17,424)
+# the shifted-row weight gradient is reduced in chunks of rows whose stacked slices take about
+# `_DW_CHUNK_BYTES`, all taps per chunk, instead of one matmul per group over all rows: the
+# chunks stay in cache. Interleaved timings with freed memory retained (`host_memory`), batch 4,
+# whole vs chunked: 3x3, 64 -> 64 at 256x256: 117 / 77 ms; 128 -> 128 at 128x128: 84 / 56 ms;
+# 256 -> 256 at 64x64: 58 / 49 ms; 1x3, 64 -> 64 at 256x256: 66 / 43 ms; but 512 -> 512 at
+# 32x32 (4,624 rows): 51-54 / 55-59 ms.
+_DW_CHUNK_MIN_ROWS = 2 ** 14
+_DW_CHUNK_BYTES = 2 ** 21
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 _TN = (((0,), (0,)), ((), ()))  # dot_general: contract the leading (pixel) axis of both operands
@@ -146,7 +152,7 @@ def _conv_gemm(x, kernel, dilation):
 def _gemm_conv(x, kernel, dilation):
   """`conv2d` with the weight gradient as matmuls; forward/input gradient by map size (module doc)."""
   taps = _taps(kernel.shape, x.shape[1:3], dilation)
-  if _pad_ratio(taps, *x.shape[1:3]) < _CROP_FWD_RATIO:
+  if _pad_ratio(taps, *x.shape[1:3]) < _CROP_RATIO:
     return _conv_xla(x, kernel, dilation)
   return _tap_sum(x, [(kernel[i, j], oy, ox) for i, j, oy, ox in taps])
 
@@ -160,13 +166,13 @@ def _gemm_conv_bwd(dilation, res, g):
   h, w = x.shape[1:3]
   taps = _taps(kernel.shape, (h, w), dilation)
   ratio = _pad_ratio(taps, h, w)
-  if ratio < _CROP_FWD_RATIO:
+  if ratio < _CROP_RATIO:
     # The transpose of a stride-1 SAME conv: the same conv of g with the kernel flipped and
     # its in/out channels swapped.
     dx = _conv_xla(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), dilation)
   else:
     dx = _tap_sum(g, [(kernel[i, j].T, -oy, -ox) for i, j, oy, ox in taps])
-  dw_fn = _dw_shifted if ratio < _CROP_DW_RATIO else _dw_cropped
+  dw_fn = _dw_shifted if ratio < _CROP_RATIO else _dw_cropped
   per_tap = dict(zip([t[:2] for t in taps], dw_fn(x, g, taps)))
   zero = jnp.zeros(kernel.shape[2:], per_tap[taps[0][:2]].dtype)  # for taps that only see padding
   kh, kw = kernel.shape[:2]
@@ -226,10 +232,9 @@ def _dw_shifted(x, g, taps):
 
   The operand with fewer channels is the shifted one. It is transposed once to (channels, rows),
   so that a tap's slice is a block of whole rows and the matmul has the plain (M,K) @ (K,N) form,
-  which XLA:CPU runs ~1.3x faster than one contracting the leading axis of both operands. For
-  few channels, the slices of `group` taps are stacked into one matmul at least `_DW_MIN_WIDTH`
-  rows tall (groups of at most a third of the taps). The groups run in a `lax.scan`, so only one
-  group's slices are alive at a time (unrolled, XLA builds all of them first).
+  which XLA:CPU runs ~1.3x faster than one contracting the leading axis of both operands; the
+  slices of a group of taps are stacked into one taller matmul. Large maps are then reduced in
+  chunks of rows (`_dw_chunked`), small ones in one matmul per group (`_dw_whole`).
   """
   b, h, w, c = x.shape
   o = g.shape[-1]
@@ -237,36 +242,82 @@ def _dw_shifted(x, g, taps):
   wp = w + 2 * pw
   rows = b * (h + 2 * ph) * wp
   offs = [(ph + oy) * wp + (pw + ox) for _, _, oy, ox in taps]
-  n = rows - max(offs)
+  span = max(offs)
   x_rows = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))).reshape(rows, c)
   g_rows = jnp.pad(g, ((0, 0), (0, 2 * ph), (0, 2 * pw), (0, 0))).reshape(rows, o)
   shift_x = c <= o
   if shift_x:
-    fixed, shifted_t, starts, length, width = g_rows[:n], x_rows.T, offs, n, c
+    # dW[tap] = sum over r < n of x row r + off (outer) g row r.
+    fixed, shifted, top, starts = g_rows[:rows - span], x_rows, 0, offs
   else:
-    # Pair g row r - off with x row r: g shifted down by off (zeros in front).
-    top = max(offs)
-    fixed, length, width = x_rows, rows, o
-    shifted_t = jnp.pad(g_rows, ((top, 0), (0, 0))).T
-    starts = [top - off for off in offs]
-  group = max(1, min(len(taps) // 3, math.ceil(_DW_MIN_WIDTH / width)))
-  while len(taps) % group:
+    # The same sum, over x rows r with g shifted down by off (`span` zero rows in front).
+    fixed, shifted, top, starts = x_rows, g_rows, span, [span - off for off in offs]
+  reduce = _dw_chunked if fixed.shape[0] >= _DW_CHUNK_MIN_ROWS else _dw_whole
+  # (taps * shifted channels, fixed channels), in tap order.
+  dw = reduce(shifted, top, starts, fixed, _acc_type(x.dtype))
+  dw = dw.reshape(len(taps), c, o) if shift_x else dw.reshape(len(taps), o, c).swapaxes(1, 2)
+  return list(dw)
+
+
+def _transposed(rows, top, length):
+  """(C, L): `rows` (n, C) after `top` zero rows, zero-filled to `length` rows, transposed.
+
+  Padded before the transposition: XLA:CPU runs a transposition fused with a pad of its minor
+  axis 5-10x slower than the two apart.
+  """
+  return jnp.pad(rows, ((top, max(0, length - top - rows.shape[0])), (0, 0))).T
+
+
+def _dw_whole(shifted, top, starts, fixed, acc):
+  """`_dw_shifted`'s reduction over all rows at once: one matmul per group of taps.
+
+  Groups of taps are stacked into one matmul at least `_DW_MIN_WIDTH` rows tall, at most a third
+  of the taps; the groups run in a `lax.scan`, so that only one group's slices are alive at a time
+  (unrolled, XLA builds all of them first).
+  """
+  length, width = fixed.shape[0], shifted.shape[1]
+  shifted_t = _transposed(shifted, top, length + max(starts))
+  group = max(1, min(len(starts) // 3, math.ceil(_DW_MIN_WIDTH / width)))
+  while len(starts) % group:
     group -= 1
-  acc = _acc_type(x.dtype)
 
   def one_group(_, group_starts):
     # Concatenated rather than written into a zero buffer: 7-10 % faster at 128-512 x 64 channels.
     cols_t = jnp.concatenate([lax.dynamic_slice_in_dim(shifted_t, start, length, axis=1)
                               for start in group_starts], axis=0)
-    dw = jnp.matmul(cols_t, fixed, preferred_element_type=acc)
-    return None, dw.reshape(group, c, o) if shift_x else dw.reshape(group, o, c).swapaxes(1, 2)
+    return None, jnp.matmul(cols_t, fixed, preferred_element_type=acc)
 
   group_starts = jnp.array(starts, jnp.int32).reshape(-1, group)
   if len(group_starts) == 1:
-    dw = one_group(None, group_starts[0])[1]
-  else:
-    _, dw = lax.scan(one_group, None, group_starts)
-  return list(dw.reshape(len(taps), c, o))
+    return one_group(None, group_starts[0])[1]
+  return lax.scan(one_group, None, group_starts)[1].reshape(len(starts) * width, -1)
+
+
+def _dw_chunked(shifted, top, starts, fixed, acc):
+  """`_dw_shifted`'s reduction in chunks of rows, so that a chunk's slices stay in cache.
+
+  A `lax.scan` over chunks of the fixed operand's rows; in each, the taps' slices are stacked by
+  three (a 3x3 kernel's row, or all of a 1x3/3x1 kernel) into (3 x channels, chunk) @ (chunk, C)
+  matmuls, accumulated across chunks. Rows are padded with zeros to whole chunks.
+  """
+  length, width = fixed.shape
+  group = 3 if len(starts) % 3 == 0 else 1
+  chunk = max(128, _DW_CHUNK_BYTES // (group * shifted.shape[1] * shifted.dtype.itemsize))
+  chunks = -(-length // chunk)
+  fixed = jnp.pad(fixed, ((0, chunks * chunk - length), (0, 0)))
+  shifted_t = _transposed(shifted, top, chunks * chunk + max(starts))
+
+  def one_chunk(total, first_row):
+    rows = lax.dynamic_slice_in_dim(fixed, first_row, chunk, axis=0)
+    parts = []
+    for k in range(0, len(starts), group):
+      cols_t = jnp.concatenate([lax.dynamic_slice_in_dim(shifted_t, first_row + start, chunk, axis=1)
+                                for start in starts[k:k + group]], axis=0)
+      parts.append(jnp.matmul(cols_t, rows, preferred_element_type=acc))
+    return total + jnp.concatenate(parts, axis=0), None
+
+  total = jnp.zeros((len(starts) * shifted.shape[1], width), acc)
+  return lax.scan(one_chunk, total, jnp.arange(chunks) * chunk)[0]
 
 
 def upsample_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -29,11 +29,10 @@ def _normal(seed, shape, dtype=jnp.float32, scale=1.0):
 
 # (kh, kw, dilation, H, W, Cin, Cout). Map sizes are chosen so that every code path of the 'gemm'
 # impl runs (padded/real area ratio in brackets): lax.conv forward + shifted-row weight gradient
-# (< 1.2: 24x20), lax.conv forward + cropped weight gradient (1.2 to 1.4: 14x12), per-tap forward
-# and input gradient (>= 1.4: 8x6 and the dilated ones), some taps only seeing padding (dilation 12
-# on 24x10) or all but the centre one (1x1 and dilation 12/18 on 12x10: one matmul); Cin < Cout
-# and Cin > Cout (the shifted operand), one group of shifted taps and several (in a scan: 40+
-# channels); a single input channel.
+# (< 1.2: 24x20), per-tap forward and input gradient + cropped weight gradient (>= 1.2: 14x12, 8x6
+# and the dilated ones), some taps only seeing padding (dilation 12 on 24x10) or all but the centre
+# one (1x1 and dilation 12/18 on 12x10: one matmul); Cin < Cout and Cin > Cout (the shifted
+# operand), one group of shifted taps and several (in a scan: 40+ channels); a single input channel.
 CASES = [
     (3, 3, 1, 24, 20, 3, 8),
     (3, 3, 1, 24, 20, 8, 3),
@@ -89,6 +88,15 @@ def _check_gemm_equals_xla(case, jit):
 
 @pytest.mark.parametrize('case', CASES, ids=_ids)
 def test_gemm_forward_and_gradients_equal_xla(case):
+  _check_gemm_equals_xla(case, jit=True)
+
+
+# The shifted-row cases, with the weight gradient reduced in chunks of 128 rows (the last one
+# partial) instead of over all rows at once: the test maps are below the chunking threshold.
+@pytest.mark.parametrize('case', [c for c in CASES[:10] if c[3] == 24], ids=_ids)
+def test_gemm_chunked_weight_gradient_equals_xla(case, monkeypatch):
+  monkeypatch.setattr(ops, '_DW_CHUNK_MIN_ROWS', 0)
+  monkeypatch.setattr(ops, '_DW_CHUNK_BYTES', 1)
   _check_gemm_equals_xla(case, jit=True)
 
 
