@@ -268,6 +268,15 @@ def _transposed(rows, top, length):
   return jnp.pad(rows, ((top, max(0, length - top - rows.shape[0])), (0, 0))).T
 
 
+def _stacked(shifted_t, starts, length):
+  """The column blocks shifted_t[:, start:start + length], stacked: (len(starts) * C, length).
+
+  Concatenated rather than written into a zero buffer: 7-10 % faster at 128-512 x 64 channels.
+  """
+  return jnp.concatenate([lax.dynamic_slice_in_dim(shifted_t, start, length, axis=1)
+                          for start in starts], axis=0)
+
+
 def _dw_whole(shifted, top, starts, fixed, acc):
   """`_dw_shifted`'s reduction over all rows at once: one matmul per group of taps.
 
@@ -282,10 +291,8 @@ def _dw_whole(shifted, top, starts, fixed, acc):
     group -= 1
 
   def one_group(_, group_starts):
-    # Concatenated rather than written into a zero buffer: 7-10 % faster at 128-512 x 64 channels.
-    cols_t = jnp.concatenate([lax.dynamic_slice_in_dim(shifted_t, start, length, axis=1)
-                              for start in group_starts], axis=0)
-    return None, jnp.matmul(cols_t, fixed, preferred_element_type=acc)
+    return None, jnp.matmul(_stacked(shifted_t, group_starts, length), fixed,
+                            preferred_element_type=acc)
 
   group_starts = jnp.array(starts, jnp.int32).reshape(-1, group)
   if len(group_starts) == 1:
@@ -311,8 +318,7 @@ def _dw_chunked(shifted, top, starts, fixed, acc):
     rows = lax.dynamic_slice_in_dim(fixed, first_row, chunk, axis=0)
     parts = []
     for k in range(0, len(starts), group):
-      cols_t = jnp.concatenate([lax.dynamic_slice_in_dim(shifted_t, first_row + start, chunk, axis=1)
-                                for start in starts[k:k + group]], axis=0)
+      cols_t = _stacked(shifted_t, [first_row + start for start in starts[k:k + group]], chunk)
       parts.append(jnp.matmul(cols_t, rows, preferred_element_type=acc))
     return total + jnp.concatenate(parts, axis=0), None
 
