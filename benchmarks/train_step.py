@@ -109,16 +109,16 @@ def _resident_bytes() -> int:
 
 def _torch_worker(connection, config_dict: dict, batch: dict, variables: dict,
                   host_memory_mode: str) -> None:
-  """The PyTorch process: its own host allocator (`host_memory_mode`), a `TorchTrainStep`, then
-  one step per 'step' message (replying with the loss) until 'stop', which it answers with the
-  peak RSS increase over building the model and optimizer and every step (bytes; None off
-  Linux)."""
-  host_memory.configure(host_memory_mode)
-  _torch_ref()  # the libraries' own memory is not the step's
+  """The PyTorch process: its own host allocator (`host_memory_mode`), a `TorchTrainStep`; it
+  reports the allocator in effect and its PyTorch version, then runs one step per 'step' message
+  (replying with the loss) until 'stop', which it answers with the peak RSS increase over building
+  the model and optimizer and every step (bytes; None off Linux)."""
+  allocator = 'retain' if host_memory.configure(host_memory_mode) else 'default'
+  torch = _torch_ref()[0]  # the libraries' own memory is not the step's
   linux = sys.platform.startswith('linux')
   before = _resident_bytes() if linux else 0
   step = TorchTrainStep(ml_collections.ConfigDict(config_dict), batch, variables)
-  connection.send('ready')
+  connection.send((allocator, f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads)'))
   while connection.recv() == 'step':
     connection.send(step.step()['loss'])
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if linux else None  # KB
@@ -129,7 +129,8 @@ class TorchStepProcess:
   """`TorchTrainStep` in a process of its own, so that each framework runs with its own host
   allocator (--host_memory for JAX, --torch_host_memory for PyTorch). `step()` is a
   `time_interleaved` thunk (the message round trip costs well under a millisecond);
-  `close()` returns the peak memory (see `_torch_worker`)."""
+  `close()` returns the peak memory (see `_torch_worker`). `host_memory` is the allocator in
+  effect there ('retain' or 'default'), `version` PyTorch's version and threads."""
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
                variables: dict, host_memory_mode: str):
@@ -139,7 +140,7 @@ class TorchStepProcess:
         child, config.to_dict(), batch, variables, host_memory_mode), daemon=True)
     self._process.start()
     try:
-      self._connection.recv()  # 'ready'
+      self.host_memory, self.version = self._connection.recv()
     except EOFError:
       raise RuntimeError('the PyTorch step process exited before its first step (its error is '
                          'printed above)') from None
@@ -158,8 +159,11 @@ class TorchStepProcess:
 
 
 def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup: int,
-                      with_torch: bool, gemm_size: int, torch_host_memory: str) -> list[dict]:
-  """One CSV row per framework for `config`, the steps and the GEMM timed interleaved."""
+                      with_torch: bool, gemm_size: int, host_memory: str,
+                      torch_host_memory: str) -> list[dict]:
+  """One CSV row per framework for `config`, the steps and the GEMM timed interleaved.
+  `host_memory` is this process's allocator in effect (for the JAX row), `torch_host_memory` the
+  mode the PyTorch process is asked for."""
   batch, mesh = noise_batches(config, 1)[0], training.make_mesh()
   jax_step = compile_train_step(config, mesh, batch, initial_state(config, mesh))
   thunks = {'jax': jax_step.step}
@@ -182,7 +186,8 @@ def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup
                images_per_s=config.train.batch_size / times['jax'],
                compile_s=jax_step.compile_seconds, memory_mb=jax_step.memory_bytes() / 2**20,
                fraction_of_peak=flops / times['jax'] / peak,
-               first_loss=float(jax_step.losses[0]), jax_over_torch=float('nan'))]
+               first_loss=float(jax_step.losses[0]), jax_over_torch=float('nan'),
+               host_memory=host_memory, version=f'jax {jax.__version__}')]
   if torch_step is not None:
     memory = torch_step.close()
     rows[0]['jax_over_torch'] = times['jax'] / times['torch']
@@ -191,7 +196,8 @@ def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup
                      compile_s=float('nan'),
                      memory_mb=float('nan') if memory is None else memory / 2**20,
                      fraction_of_peak=flops / times['torch'] / peak,
-                     first_loss=torch_step.losses[0], jax_over_torch=float('nan')))
+                     first_loss=torch_step.losses[0], jax_over_torch=float('nan'),
+                     host_memory=torch_step.host_memory, version=torch_step.version))
   return rows
 
 
@@ -231,19 +237,14 @@ def main(argv=None) -> list[dict]:
     config = config_from_args(args, variant=variant, batch=args.batch)
     rows += benchmark_variant(config, repeats=args.repeats, warmup=args.warmup,
                               with_torch=args.torch, gemm_size=args.gemm_size,
-                              torch_host_memory=args.torch_host_memory)
-  for row in rows:
-    row['host_memory'] = allocator if row['framework'] == 'JAX' else args.torch_host_memory
-  first = rows[0]
-  versions = f'jax {jax.__version__}'
-  if args.torch:
-    torch = _torch_ref()[0]
-    versions = f'PyTorch {torch.__version__} ({torch.get_num_threads()} threads) vs ' + versions
+                              host_memory=allocator, torch_host_memory=args.torch_host_memory)
+  first, torch_row = rows[0], next((r for r in rows if r['framework'] == 'PyTorch'), None)
   print(f'\n# Train step: {first["size"]}x{first["size"]}, global batch {first["batch"]}, '
         f'features {first["features"]}, conv_impl {first["conv_impl"]}, float32; median of '
         f'{args.repeats} interleaved rounds after {args.warmup} warm-up; host memory: JAX '
-        f'{allocator}' + (f', PyTorch {args.torch_host_memory}' if args.torch else ''))
-  print(f'{machine_summary()}; {versions}; GEMM peak ({args.gemm_size}^3 matmul, same rounds) '
+        f'{allocator}' + (f", PyTorch {torch_row['host_memory']}" if torch_row else ''))
+  print(machine_summary() + (f"; {torch_row['version']}" if torch_row else '')
+        + f'; GEMM peak ({args.gemm_size}^3 matmul, same rounds) '
         + ', '.join(f"{r['gemm_peak_gflops']:.0f}" for r in rows if r['framework'] == 'JAX')
         + ' GFLOP/s')
   print(command_line('train_step.py', argv) + '\n')

@@ -307,9 +307,9 @@ def _dw_chunked(shifted, top, starts, fixed, acc):
   three (a 3x3 kernel's row, or all of a 1x3/3x1 kernel) into (3 x channels, chunk) @ (chunk, C)
   matmuls, accumulated across chunks. Rows are padded with zeros to whole chunks.
   """
-  length, width = fixed.shape
+  length, width = fixed.shape[0], shifted.shape[1]
   group = 3 if len(starts) % 3 == 0 else 1
-  chunk = max(128, _DW_CHUNK_BYTES // (group * shifted.shape[1] * shifted.dtype.itemsize))
+  chunk = max(128, _DW_CHUNK_BYTES // (group * width * shifted.dtype.itemsize))
   chunks = -(-length // chunk)
   fixed = jnp.pad(fixed, ((0, chunks * chunk - length), (0, 0)))
   shifted_t = _transposed(shifted, top, chunks * chunk + max(starts))
@@ -322,7 +322,7 @@ def _dw_chunked(shifted, top, starts, fixed, acc):
       parts.append(jnp.matmul(cols_t, rows, preferred_element_type=acc))
     return total + jnp.concatenate(parts, axis=0), None
 
-  total = jnp.zeros((len(starts) * shifted.shape[1], width), acc)
+  total = jnp.zeros((len(starts) * width, fixed.shape[1]), acc)
   return lax.scan(one_chunk, total, jnp.arange(chunks) * chunk)[0]
 
 

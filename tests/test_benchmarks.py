@@ -44,6 +44,8 @@ def test_train_step_jax_vs_torch(tmp_path, capsys):
   written = _read_csv(path)
   assert [(r['framework'], r['host_memory']) for r in written] == [('JAX', 'default'),
                                                                    ('PyTorch', 'retain')]
+  # The PyTorch process reports its own allocator and version.
+  assert [r['version'].split()[0] for r in written] == ['jax', 'PyTorch']
   assert set(written[0]) == set(jax_row)
 
 
