@@ -54,12 +54,12 @@ _CROP_RATIO = 1.2
 # many rows.
 _DW_MIN_WIDTH = 192
 # From this many rows (batch x padded height x padded width; a batch of 4 64x64 maps has 17,424)
-# the shifted-row weight gradient is reduced in chunks of rows whose stacked slices take about
-# `_DW_CHUNK_BYTES`, all taps per chunk, instead of one matmul per group over all rows: the
-# chunks stay in cache. Interleaved timings with freed memory retained (`host_memory`), batch 4,
-# whole vs chunked: 3x3, 64 -> 64 at 256x256: 117 / 77 ms; 128 -> 128 at 128x128: 84 / 56 ms;
-# 256 -> 256 at 64x64: 58 / 49 ms; 1x3, 64 -> 64 at 256x256: 66 / 43 ms; but 512 -> 512 at
-# 32x32 (4,624 rows): 51-54 / 55-59 ms.
+# the shifted-row weight gradient is reduced in chunks of rows whose stacked slices (and fixed
+# rows) take about `_DW_CHUNK_BYTES`, all taps per chunk, instead of one matmul per group over all
+# rows: the chunks stay in cache. Interleaved timings with freed memory retained (`host_memory`),
+# batch 4, whole vs chunked: 3x3, 64 -> 64 at 256x256: 117 / 77 ms; 128 -> 128 at 128x128: 84 /
+# 56 ms; 256 -> 256 at 64x64: 58 / 49 ms; 1x3, 64 -> 64 at 256x256: 66 / 43 ms; but 512 -> 512
+# at 32x32 (4,624 rows): 51-54 / 55-59 ms.
 _DW_CHUNK_MIN_ROWS = 2 ** 14
 _DW_CHUNK_BYTES = 2 ** 21
 
@@ -314,8 +314,7 @@ def _dw_chunked(shifted, top, starts, fixed, acc):
   """
   length, width, fixed_width = fixed.shape[0], shifted.shape[1], fixed.shape[1]
   group = len(starts) if len(starts) * width <= _DW_MIN_WIDTH else 3 if len(starts) % 3 == 0 else 1
-  chunk = _DW_CHUNK_BYTES // (max(group * width, fixed_width) * shifted.dtype.itemsize)
-  chunk = max(128, chunk)
+  chunk = max(128, _DW_CHUNK_BYTES // (max(group * width, fixed_width) * shifted.dtype.itemsize))
   chunks = -(-length // chunk)
   fixed = jnp.pad(fixed, ((0, chunks * chunk - length), (0, 0)))
   shifted_t = _transposed(shifted, top, chunks * chunk + max(starts))
