@@ -93,6 +93,7 @@ def test_gemm_forward_and_gradients_equal_xla(case):
 
 # The shifted-row cases, with the weight gradient reduced in chunks of 128 rows (the last one
 # partial) instead of over all rows at once: the test maps are below the chunking threshold.
+# With 3 shifted channels all taps share one matmul per chunk; with 40, they are stacked by three.
 @pytest.mark.parametrize('case', [c for c in CASES[:10] if c[3] == 24], ids=_ids)
 def test_gemm_chunked_weight_gradient_equals_xla(case, monkeypatch):
   monkeypatch.setattr(ops, '_DW_CHUNK_MIN_ROWS', 0)
