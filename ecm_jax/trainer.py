@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ecm_jax import checkpoint
 from ecm_jax import data
+from ecm_jax import host_memory
 from ecm_jax import losses
 from ecm_jax import metrics as metrics_lib
 from ecm_jax import plots
@@ -176,6 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = training.shard_batch(next(iterator), mesh)
+      if step == start_step + 1 and host_memory.retaining():
+        message = host_memory.fit_to_memory(training.host_temp_bytes(train_step, state, batch))
+        if message:
+          progress.write(message, file=sys.stderr)
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
       progress.update(1)
