@@ -177,8 +177,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = training.shard_batch(next(iterator), mesh)
-      if step == start_step + 1 and host_memory.retaining():
-        message = host_memory.fit_to_memory(training.host_temp_bytes(train_step, state, batch))
+      if step == start_step + 1:  # compiled ahead of time, for its memory analysis
+        train_step = train_step.lower(state, batch).compile()
+        message = host_memory.fit_to_memory(training.host_temp_bytes(train_step))
         if message:
           progress.write(message, file=sys.stderr)
       state, step_metrics = train_step(state, batch)

@@ -145,10 +145,10 @@ def jit_eval_step(mesh: Mesh, *, model: nn.Module) -> Callable:
                  out_shardings=replicated)
 
 
-def host_temp_bytes(jitted: Callable, *args) -> int:
-  """Bytes of temporaries one call `jitted(*args)` allocates on this host: XLA's memory analysis of
-  the compiled call (per device) times the local devices. Compiles it; jit reuses the result."""
-  analysis = jitted.lower(*args).compile().memory_analysis()
+def host_temp_bytes(compiled: jax.stages.Compiled) -> int:
+  """Bytes of temporaries one call of `compiled` allocates on this host: XLA's memory analysis
+  (per device) times the local devices."""
+  analysis = compiled.memory_analysis()
   return 0 if analysis is None else analysis.temp_size_in_bytes * jax.local_device_count()
 
 
