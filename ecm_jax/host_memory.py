@@ -96,11 +96,6 @@ def return_freed_memory() -> bool:
   return True
 
 
-def retaining() -> bool:
-  """Whether this process retains freed memory now."""
-  return _retaining
-
-
 def available_bytes() -> int | None:
   """Memory the system can still give this process (Linux MemAvailable), None where unknown."""
   try:
