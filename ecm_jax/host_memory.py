@@ -118,7 +118,9 @@ def fit_to_memory(step_temp_bytes: int) -> str | None:
   if not _retaining:
     return None
   available = available_bytes()
-  if available is None or RETAINED_STEPS * step_temp_bytes <= available or not return_freed_memory():
+  if available is None or RETAINED_STEPS * step_temp_bytes <= available:
+    return None
+  if not return_freed_memory():
     return None
   gib = 2**30
   return (f'host memory: no longer retaining freed memory: a step\'s temporaries take '

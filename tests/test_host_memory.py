@@ -20,9 +20,8 @@ _CHILD = textwrap.dedent('''
     def fill():
       a = np.ones(2**26, np.float32)
       del a
-    if sys.argv[1] != 'default':
-      if not host_memory.retain_freed_memory():
-        sys.exit(3)  # no glibc mallopt
+    if sys.argv[1] != 'default' and not host_memory.retain_freed_memory():
+      sys.exit(3)  # no glibc mallopt
     if sys.argv[1] == 'returned':
       fill()
       assert host_memory.return_freed_memory()

@@ -171,7 +171,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   assert manager.latest_step() == 3
 
 
-
 def test_trainer_fits_host_memory_to_its_compiled_step(tmp_path, monkeypatch, capsys):
   """The trainer hands its compiled step's temporaries to `host_memory.fit_to_memory` once,
   before the first step, prints what it says, and trains with that compiled step."""
