@@ -40,7 +40,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  host_memory.configure(_HOST_MEMORY.value)  # before JAX starts its threads
+  host_memory.configure(_HOST_MEMORY.value)  # before JAX starts; may restart the command
   if _PREDICT.value and not _OUTPUT.value:
     raise app.UsageError('--predict needs --output (a folder for the masks)')
   from ecm_jax import checkpoint, data, evaluation, report  # pylint: disable=g-import-not-at-top

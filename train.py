@@ -73,7 +73,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  host_memory.configure(_HOST_MEMORY.value)  # before JAX starts its threads
+  host_memory.configure(_HOST_MEMORY.value)  # before JAX starts; may restart the command
   maybe_initialize_distributed()
   from ecm_jax import trainer, training  # pylint: disable=g-import-not-at-top  (after distributed init)
   training.enable_compilation_cache()

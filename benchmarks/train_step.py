@@ -32,11 +32,12 @@ The first-step losses of both sides are printed too (same weights, same batch: t
 float32 rounding).
 
 Host memory: the PyTorch step runs in a process of its own, so each framework has its own host
-allocator: --host_memory for JAX (default auto: retained on CPU, as train.py runs), and
---torch_host_memory for PyTorch (default: glibc's own behaviour, as PyTorch runs out of the box).
-Retaining freed memory (`ecm_jax.host_memory`) spares every step the page faults of its freshly
-mapped buffers, and speeds up both frameworks; compare with both set alike as well as as shipped.
-A retained process holds its peak: at 512x512 with full widths two of them exceed 24 GiB.
+allocator: --host_memory for JAX (default auto: huge pages on CPU where the system offers them, as
+train.py runs), and --torch_host_memory for PyTorch (default: glibc's own behaviour, as PyTorch runs
+out of the box). Huge pages or retained freed memory (`ecm_jax.host_memory`) spare every step most
+of the page faults of its freshly mapped buffers, and speed up both frameworks; compare with both
+set alike as well as as shipped. A retaining process holds its peak: at 512x512 with full widths
+two of them exceed 24 GiB.
 
 Threads: PyTorch uses `torch.get_num_threads()` OpenMP threads (OMP_NUM_THREADS), XLA its own pool
 over every core. When other jobs load the machine, OpenMP's barriers suffer far more than XLA's
@@ -113,7 +114,7 @@ def _torch_worker(connection, config_dict: dict, batch: dict, variables: dict,
   reports the allocator in effect and its PyTorch version, then runs one step per 'step' message
   (replying with the loss) until 'stop', which it answers with the peak RSS increase over building
   the model and optimizer and every step (bytes; None off Linux)."""
-  allocator = 'retain' if host_memory.configure(host_memory_mode) else 'default'
+  allocator = host_memory.configure(host_memory_mode)  # set up by the parent: no restart
   torch = _torch_ref()[0]  # the libraries' own memory is not the step's
   linux = sys.platform.startswith('linux')
   before = _resident_bytes() if linux else 0
@@ -130,7 +131,7 @@ class TorchStepProcess:
   allocator (--host_memory for JAX, --torch_host_memory for PyTorch). `step()` is a
   `time_interleaved` thunk (the message round trip costs well under a millisecond);
   `close()` returns the peak memory (see `_torch_worker`). `host_memory` is the allocator in
-  effect there ('retain' or 'default'), `version` PyTorch's version and threads."""
+  effect there ('huge_pages', 'retain' or 'default'), `version` PyTorch's version and threads."""
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
                variables: dict, host_memory_mode: str):
@@ -138,7 +139,8 @@ class TorchStepProcess:
     self._connection, child = context.Pipe()
     self._process = context.Process(target=_torch_worker, args=(
         child, config.to_dict(), batch, variables, host_memory_mode), daemon=True)
-    self._process.start()
+    with host_memory.for_child_processes(host_memory_mode):
+      self._process.start()
     try:
       self.host_memory, self.version = self._connection.recv()
     except EOFError:
@@ -221,7 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--repeats', type=int, default=5, help='timed rounds (median)')
   p.add_argument('--warmup', type=int, default=1, help='untimed rounds first')
   p.add_argument('--no-torch', dest='torch', action='store_false', help='JAX only')
-  p.add_argument('--torch_host_memory', choices=('retain', 'default'), default='default',
+  p.add_argument('--torch_host_memory', choices=host_memory.MODES[1:], default='default',
                  help='host allocator of the PyTorch process (see --host_memory)')
   p.add_argument('--gemm_size', type=int, default=2048, help='n of the n^3 matmul giving the peak')
   p.add_argument('--csv', default=None, help='also write the rows to this CSV file')

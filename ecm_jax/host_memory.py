@@ -1,45 +1,61 @@
-"""Host memory: keep freed memory in the process instead of returning it to the kernel.
+"""Host memory on the CPU: a train step's large blocks without a page fault per 4 KB.
 
-glibc's malloc serves every block above 32 MB with a fresh mmap and unmaps it on free, and trims
-the heap top above 128 KB. A train step allocates and frees gigabytes of such blocks (XLA's
-temporaries, PyTorch's activations), so every step faults all of them in again and the kernel
-zeroes each 4 KB page first: for the U-Net step at 256x256, batch 4, on XLA:CPU, 0.78 million
-page faults and 1.2 s of kernel time per step. With `retain_freed_memory()` (one arena, no mmap,
-no trimming) freed blocks are reused. Measured with benchmarks/train_step.py (--host_memory
-retain vs default, batch 4): the JAX step at 256x256 is 14 % faster for the U-Net (4.26 -> 3.67 s)
-and 29 % for EC-CaM-UNet (7.09 -> 5.02 s), 6-8 % at 128x128; the demo run 15 % (55 -> 47 s).
-Costs: XLA compiles 20-50 % slower (its compiler threads share the one arena: the full model's
-train step 13 -> 18 s), and the process keeps the most memory it ever held, which is more than
-one step's: XLA frees a step's temporaries on another thread, at times after the next step has
-allocated its own, and the heap keeps room for both (and a fragmented third) from then on. With
-steps dispatched ahead, as in training, the U-Net at 256x256 (2 GB of temporaries) settles at
-7.2 GB resident vs 3.4 GB out of the box, and EC-CaM-UNet at 512x512 (13 GB) is killed for want
-of memory on a 24 GB machine, where out of the box it holds 15-16 GB. So the trainer, once its
-step is compiled, stops retaining (`fit_to_memory`) when `RETAINED_STEPS` times the step's
-temporaries would not fit in the memory available. (Small runs gain both ways: the demo's peak
-RSS fell, 1.28 -> 1.16 GB.)
+glibc's malloc serves every block above 32 MB with a fresh mmap and unmaps it on free. A train step
+allocates and frees gigabytes of such blocks (XLA's temporaries, PyTorch's activations), so every
+step faults all of them in again, 4 KB at a time, and the kernel zeroes each page first: for the
+U-Net step at 256x256, batch 4, on XLA:CPU, 0.6 million page faults and 0.9 s of kernel time per
+step. The modes of `configure` (train.py, eval.py and the benchmarks: --host_memory):
 
-This is what `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>` do when set
-before a process starts; `mallopt` does it from inside the process. It holds for threads that
-have not allocated yet, so call it first thing (train.py and eval.py do, before JAX creates its
-threads; called after the first compilation it no longer helps).
+  'huge_pages'  glibc backs its blocks with transparent huge pages (its tunable
+                `glibc.malloc.hugetlb=1`): 2 MB pages, 512 times fewer faults (each page still
+                zeroed), memory as out of the box. glibc reads the tunable when a process starts,
+                so `configure` restarts the script's command with it set (`os.execve`: same
+                process id, arguments and environment otherwise; child processes inherit it).
+                Needs Linux with transparent huge pages in mode 'always' or 'madvise' and glibc
+                2.35 or later.
+  'retain'      glibc keeps freed memory for reuse (`retain_freed_memory`: one arena, no mmap, no
+                trimming): no faults at all, but XLA compiles 20-50 % slower (its compiler
+                threads share the one arena) and the process keeps the most memory it ever held,
+                which is more than one step's: XLA frees a step's temporaries on another thread,
+                at times after the next step has allocated its own, and the heap keeps room for
+                both (and a fragmented third). So the trainer, once its step is compiled, stops
+                retaining (`fit_to_memory`) when `RETAINED_STEPS` times the step's temporaries
+                would not fit in the memory available.
+  'huge_pages+retain'  both: retained memory in huge pages holds less (the U-Net at 256x256: 5.5
+                instead of 7.6 GB), and where the trainer stops retaining, huge pages remain.
+  'default'     glibc as out of the box.
+  'auto'        on the CPU 'huge_pages+retain' ('retain' where huge pages are not to be had); on
+                GPUs and TPUs 'default' (the step's buffers are device memory there). Decided
+                without starting JAX (JAX_PLATFORMS, else whether a GPU/TPU plugin is installed).
 
-On GPUs and TPUs the step's buffers are device memory, so retaining host memory gains nothing
-there and would only slow compilation: mode 'auto' (`resolve`) retains only when JAX will run on the
-CPU, decided without starting JAX (JAX_PLATFORMS, else whether a GPU/TPU plugin is installed).
+Measured on the project's 2-core machine, the train step alone, one at a time (median; peak
+resident memory), default / huge_pages / retain / huge_pages+retain: U-Net at 256x256 3.95 / 3.43 /
+3.39 / 3.43 s, 3.5 / 3.5 / 7.6 / 5.5 GB; at 128x128 1.05 / 0.90 / 0.86 / 0.85 s; EC-CaM-UNet at
+128x128 1.41 / 1.20 / 1.31 / 1.25 s. EC-CaM-UNet at the paper's 512x512 (13 GB of temporaries):
+30 s out of the box, 22 s with huge pages (16 GB), while retaining needs more than the machine's
+24 GB. Huge pages alone lose more when other processes take memory in between (the benchmark's
+PyTorch process: the U-Net at 128x128 7-25 % slower than retaining). The README's Performance
+section has the benchmark tables.
+
+Both must act before JAX starts its threads: call `configure` first thing in a script.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
 import importlib.util
 import os
+import sys
 
-MODES = ('auto', 'retain', 'default')
-# The --host_memory help of train.py, eval.py and the benchmarks.
-FLAG_HELP = ('retain: keep freed host memory for reuse (no page faults on every step\'s buffers: '
-             '10-50 % faster steps on CPU, slower compiles); auto: retain when running on the '
-             'CPU; default: the C library\'s behaviour (ecm_jax.host_memory).')
+MODES = ('auto', 'huge_pages+retain', 'huge_pages', 'retain', 'default')
+# The --host_memory help of train.py, eval.py and the benchmarks (no percent signs: argparse
+# formats help strings with %).
+FLAG_HELP = ('huge_pages: back large host blocks with transparent huge pages (restarts the command '
+             'with glibc.malloc.hugetlb=1); retain: keep freed host memory for reuse (more '
+             'memory, slower compiles); both spare every step most of its page faults on CPU; '
+             'auto: huge_pages+retain on the CPU (retain alone where huge pages are not to be had), '
+             'default on GPU/TPU; default: the C library\'s behaviour (ecm_jax.host_memory).')
 
 # How many steps' temporaries a retaining process may hold at once (module doc: 3 seen).
 RETAINED_STEPS = 3
@@ -129,6 +145,73 @@ def fit_to_memory(step_temp_bytes: int) -> str | None:
           f'(ecm_jax/host_memory.py)')
 
 
+_HUGETLB = 'glibc.malloc.hugetlb'  # the glibc tunable (GLIBC_TUNABLES=name=value:name=value)
+
+
+def _tunables() -> list[str]:
+  return [t for t in os.environ.get('GLIBC_TUNABLES', '').split(':') if t]
+
+
+def huge_pages_requested() -> bool | None:
+  """Whether this process's environment asks glibc for huge pages (`glibc.malloc.hugetlb` set to
+  a nonzero value); None when it does not say (the tunable is absent)."""
+  values = [t.split('=', 1)[1] for t in _tunables() if t.startswith(_HUGETLB + '=')]
+  return None if not values else values[-1] not in ('', '0')
+
+
+def huge_pages_available() -> bool:
+  """Whether glibc can back its blocks with transparent huge pages here: Linux with transparent
+  huge pages in mode 'always' or 'madvise', and glibc 2.35 or later (its hugetlb tunable)."""
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      if '[never]' in f.read():
+        return False
+    name, version = os.confstr('CS_GNU_LIBC_VERSION').split()
+    return name == 'glibc' and tuple(map(int, version.split('.')[:2])) >= (2, 35)
+  except (OSError, ValueError, AttributeError):  # no such file or confstr name: not Linux/glibc
+    return False
+
+
+def _tunables_with(huge_pages: bool) -> str | None:
+  """GLIBC_TUNABLES as this process has it, with the hugetlb tunable set (`huge_pages`) or removed;
+  None if nothing is left."""
+  tunables = [t for t in _tunables() if not t.startswith(_HUGETLB + '=')]
+  tunables += [f'{_HUGETLB}=1'] if huge_pages else []
+  return ':'.join(tunables) or None
+
+
+def _set_tunables(value: str | None) -> None:
+  if value is None:
+    os.environ.pop('GLIBC_TUNABLES', None)
+  else:
+    os.environ['GLIBC_TUNABLES'] = value
+
+
+def restart_with_huge_pages() -> None:
+  """Replaces this process by the command that started it, with glibc's huge pages asked for in
+  its environment (module doc). Returns only if the restart fails (an OSError from exec)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  env = dict(os.environ, GLIBC_TUNABLES=_tunables_with(True))
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError:
+    pass
+
+
+@contextlib.contextmanager
+def for_child_processes(mode: str):
+  """Within the block, child processes started from this one inherit `mode`'s huge-page setting
+  (asked for if `mode` resolves to huge pages and they are available, removed otherwise), so
+  that `configure(mode)` in them needs no restart. For the benchmarks' PyTorch process."""
+  saved = os.environ.get('GLIBC_TUNABLES')
+  _set_tunables(_tunables_with('huge_pages' in resolve(mode) and huge_pages_available()))
+  try:
+    yield
+  finally:
+    _set_tunables(saved)
+
+
 def accelerator_plugin_installed() -> bool:
   """Whether JAX can find a GPU or TPU backend here (a PJRT plugin or libtpu), without starting
   JAX (which would create the threads `retain_freed_memory` must precede)."""
@@ -137,17 +220,29 @@ def accelerator_plugin_installed() -> bool:
 
 
 def resolve(mode: str) -> str:
-  """'retain' or 'default' for host-memory `mode`: 'retain', 'default', or 'auto' = 'retain' when
-  JAX will run on the CPU (JAX_PLATFORMS is 'cpu', or unset with no GPU/TPU plugin installed)."""
+  """What host-memory `mode` does here: the mode itself, or for 'auto': on the CPU (JAX_PLATFORMS is
+  'cpu', or unset with no GPU/TPU plugin installed) 'huge_pages+retain' where
+  `huge_pages_available`, else 'retain'; 'default' elsewhere."""
   if mode not in MODES:
     raise ValueError(f'host memory mode must be one of {MODES}, got {mode!r}')
   if mode != 'auto':
     return mode
   platforms = os.environ.get('JAX_PLATFORMS', '')
-  on_cpu = platforms == 'cpu' or (not platforms and not accelerator_plugin_installed())
-  return 'retain' if on_cpu else 'default'
+  if platforms != 'cpu' and (platforms or accelerator_plugin_installed()):
+    return 'default'
+  return 'huge_pages+retain' if huge_pages_available() else 'retain'
 
 
-def configure(mode: str) -> bool:
-  """Applies `resolve(mode)`; returns whether freed memory is now retained."""
-  return resolve(mode) == 'retain' and retain_freed_memory()
+def configure(mode: str) -> str:
+  """Applies `resolve(mode)` to this process, first thing in a script. Huge pages: restarts the
+  script with them asked for, unless its environment already says (set by that restart, by a
+  parent process or by the user: left as it is). Returns what is in effect: 'huge_pages' (asked
+  for and available, whatever the mode), 'retain', 'huge_pages+retain' or 'default'."""
+  measures = resolve(mode).split('+')
+  available = huge_pages_available()
+  if 'huge_pages' in measures and huge_pages_requested() is None and available:
+    restart_with_huge_pages()
+  in_effect = ['huge_pages'] if available and huge_pages_requested() else []
+  if 'retain' in measures and retain_freed_memory():
+    in_effect.append('retain')
+  return '+'.join(in_effect) or 'default'

@@ -92,3 +92,11 @@ def test_scaling_weak_and_strong(tmp_path, capsys):
   assert float(rows[0]['efficiency']) == 1.0
   png = tmp_path / 'scaling.png'
   assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('script', [train_step, inference, scaling])
+def test_help_lists_the_host_memory_modes(script, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    script.parse_args(['--help'])
+  assert exit_info.value.code == 0
+  assert '--host_memory {auto,huge_pages+retain,huge_pages,retain,default}' in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """host_memory: a freed large block is reused without page faults (Linux/glibc) until retaining is
-undone; which mode runs; retaining stops when a step's temporaries would not fit."""
+undone, or faults in by 2 MB pages once the process has restarted with huge pages; which mode runs;
+retaining stops when a step's temporaries would not fit."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,17 +12,25 @@ import pytest
 
 from ecm_jax import host_memory
 
-# In a fresh process (mallopt changes the whole process): fill a 256 MB array twice, freeing it in
-# between, and print the minor page faults of the second fill. Mode 'returned' retains, fills,
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# In a fresh process (mallopt changes the whole process): fill a 256 MB block from malloc twice,
+# freeing it in between, and print the minor page faults of the second fill (malloc as XLA
+# allocates: numpy would ask the kernel for huge pages itself). Mode 'returned' retains, fills,
 # then undoes retaining before the two fills.
 _CHILD = textwrap.dedent('''
-    import resource, sys
-    import numpy as np
+    import ctypes, ctypes.util, resource, sys
     from ecm_jax import host_memory
+    libc = ctypes.CDLL(ctypes.util.find_library('c'))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = (ctypes.c_void_p,)
     def fill():
-      a = np.ones(2**26, np.float32)
-      del a
-    if sys.argv[1] != 'default' and not host_memory.retain_freed_memory():
+      block = libc.malloc(2**28)
+      ctypes.memset(block, 1, 2**28)
+      libc.free(block)
+    if sys.argv[1] == 'huge_pages':
+      assert host_memory.configure('huge_pages') == 'huge_pages'  # after restarting itself
+    elif sys.argv[1] != 'default' and not host_memory.retain_freed_memory():
       sys.exit(3)  # no glibc mallopt
     if sys.argv[1] == 'returned':
       fill()
@@ -33,8 +43,9 @@ _CHILD = textwrap.dedent('''
 
 
 def _second_fill_faults(mode: str) -> int:
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   out = subprocess.run([sys.executable, '-c', _CHILD, mode], capture_output=True, text=True,
-                       cwd=pathlib.Path(__file__).resolve().parents[1])
+                       cwd=REPO, env=env)
   if out.returncode == 3:
     pytest.skip('no glibc mallopt here')
   assert out.returncode == 0, out.stderr
@@ -49,6 +60,60 @@ def test_retained_block_is_reused_without_page_faults():
   assert _second_fill_faults('default') > pages // 1000
   assert _second_fill_faults('returned') > pages // 1000
   assert retained < 100
+
+
+def test_huge_pages_restart_the_process_and_fault_by_2mb():
+  if not host_memory.huge_pages_available():
+    pytest.skip('no transparent huge pages or glibc < 2.35 here')
+  # 2 MB pages: 128 faults for the 256 MB block instead of 65,536 (a few more where the kernel
+  # had no free huge page at hand and fell back to 4 KB ones).
+  assert _second_fill_faults('huge_pages') < 2**28 // 4096 // 10
+
+
+_RESTARTED = textwrap.dedent('''
+    import os, sys
+    from ecm_jax import host_memory
+    print('started', flush=True)
+    in_effect = host_memory.configure(sys.argv[1])
+    print(in_effect, sys.argv[2:], os.environ.get('GLIBC_TUNABLES'), os.environ['KEEP'])
+''')
+
+
+@pytest.mark.parametrize('mode, tunables, expected', [
+    # Restarted once: same arguments and environment, the tunable appended to the user's.
+    ('huge_pages', 'glibc.malloc.arena_max=2',
+     'huge_pages [\'a\', \'--b=1\'] glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 kept'),
+    # The environment already says (a parent, the user): left as it is, no restart.
+    ('huge_pages+retain', None, "huge_pages+retain ['a', '--b=1'] glibc.malloc.hugetlb=1 kept"),
+    ('huge_pages', 'glibc.malloc.hugetlb=0', "default ['a', '--b=1'] glibc.malloc.hugetlb=0 kept"),
+    ('default', None, "default ['a', '--b=1'] None kept"),
+])
+def test_configure_restarts_for_huge_pages_keeping_arguments_and_environment(mode, tunables,
+                                                                              expected):
+  if 'huge_pages' in mode and not host_memory.huge_pages_available():
+    pytest.skip('no transparent huge pages or glibc < 2.35 here')
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  env.update(KEEP='kept', **({} if tunables is None else {'GLIBC_TUNABLES': tunables}))
+  out = subprocess.run([sys.executable, '-c', _RESTARTED, mode, 'a', '--b=1'], cwd=REPO, env=env,
+                       capture_output=True, text=True, check=True).stdout.splitlines()
+  restarted = 'huge_pages' in mode and tunables != 'glibc.malloc.hugetlb=0'
+  assert out == ['started'] * (2 if restarted else 1) + [expected]
+
+
+@pytest.mark.parametrize('mode, inherited', [
+    ('huge_pages', 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'),
+    ('huge_pages+retain', 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'),
+    ('default', 'glibc.malloc.arena_max=2'),
+    ('retain', 'glibc.malloc.arena_max=2'),
+])
+def test_child_processes_inherit_the_mode_huge_pages(monkeypatch, mode, inherited):
+  monkeypatch.setattr(host_memory, 'huge_pages_available', lambda: True)
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2')
+  with host_memory.for_child_processes(mode):
+    out = subprocess.run([sys.executable, '-c', 'import os; print(os.environ["GLIBC_TUNABLES"])'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+  assert out == inherited
+  assert os.environ['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2'
 
 
 @pytest.mark.parametrize('retaining, temp_gib, stops', [
@@ -79,20 +144,24 @@ def test_available_bytes_reads_meminfo():
   assert 0 < available <= total
 
 
-@pytest.mark.parametrize('platforms, plugin, expected', [
-    ('cpu', True, 'retain'),      # forced onto the CPU although a GPU plugin is installed
-    ('', False, 'retain'),        # only the CPU backend is installed
-    ('', True, 'default'),        # a GPU/TPU will run: its buffers are device memory
-    ('cuda', False, 'default'),
+@pytest.mark.parametrize('platforms, plugin, huge_pages, expected', [
+    ('cpu', True, True, 'huge_pages+retain'),  # forced onto the CPU though a GPU plugin is installed
+    ('', False, True, 'huge_pages+retain'),    # only the CPU backend is installed
+    ('', False, False, 'retain'),              # no huge pages to be had
+    ('', True, True, 'default'),               # a GPU/TPU will run: its buffers are device memory
+    ('cuda', False, True, 'default'),
 ])
-def test_auto_retains_only_on_cpu(monkeypatch, platforms, plugin, expected):
+def test_auto_acts_only_on_cpu(monkeypatch, platforms, plugin, huge_pages, expected):
   monkeypatch.setenv('JAX_PLATFORMS', platforms)
   monkeypatch.setattr(host_memory, 'accelerator_plugin_installed', lambda: plugin)
+  monkeypatch.setattr(host_memory, 'huge_pages_available', lambda: huge_pages)
   assert host_memory.resolve('auto') == expected
-  assert host_memory.resolve('retain') == 'retain'
-  assert host_memory.resolve('default') == 'default'
+  for mode in host_memory.MODES[1:]:
+    assert host_memory.resolve(mode) == mode
 
 
 def test_unknown_mode_is_refused():
-  with pytest.raises(ValueError, match="one of \\('auto', 'retain', 'default'\\), got 'keep'"):
+  with pytest.raises(ValueError, match="one of \\('auto', 'huge_pages\\+retain', 'huge_pages', 'retain', "
+                                      "'default'\\), "
+                                      "got 'keep'"):
     host_memory.resolve('keep')
