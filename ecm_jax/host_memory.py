@@ -21,21 +21,22 @@ step. The modes of `configure` (train.py, eval.py and the benchmarks: --host_mem
                 both (and a fragmented third). So the trainer, once its step is compiled, stops
                 retaining (`fit_to_memory`) when `RETAINED_STEPS` times the step's temporaries
                 would not fit in the memory available.
-  'huge_pages+retain'  both: retained memory in huge pages holds less (the U-Net at 256x256: 5.5
-                instead of 7.6 GB), and where the trainer stops retaining, huge pages remain.
+  'huge_pages+retain'  both (below: never the slowest), and where the trainer stops retaining,
+                huge pages remain.
   'default'     glibc as out of the box.
   'auto'        on the CPU 'huge_pages+retain' ('retain' where huge pages are not to be had); on
                 GPUs and TPUs 'default' (the step's buffers are device memory there). Decided
                 without starting JAX (JAX_PLATFORMS, else whether a GPU/TPU plugin is installed).
 
-Measured on the project's 2-core machine, the train step alone, one at a time (median; peak
-resident memory), default / huge_pages / retain / huge_pages+retain: U-Net at 256x256 3.95 / 3.43 /
-3.39 / 3.43 s, 3.5 / 3.5 / 7.6 / 5.5 GB; at 128x128 1.05 / 0.90 / 0.86 / 0.85 s; EC-CaM-UNet at
-128x128 1.41 / 1.20 / 1.31 / 1.25 s. EC-CaM-UNet at the paper's 512x512 (13 GB of temporaries):
-30 s out of the box, 22 s with huge pages (16 GB), while retaining needs more than the machine's
-24 GB. Huge pages alone lose more when other processes take memory in between (the benchmark's
-PyTorch process: the U-Net at 128x128 7-25 % slower than retaining). The README's Performance
-section has the benchmark tables.
+Measured on the project's 2-core machine with steps dispatched ahead as the trainer does (time per
+step after the first few; peak resident memory), default / huge_pages / retain / huge_pages+retain:
+U-Net at 256x256 3.68 / 3.21-3.27 / 3.40 / 3.28-3.34 s, 3.3 / 3.4 / 7.2 / 7.3 GB; U-Net at 128x128
+0.96 / 0.93-0.99 / 0.84 / 0.87-0.90 s; EC-CaM-UNet at 128x128 1.36-1.41 / 1.13-1.18 / 1.32 /
+1.22-1.27 s. EC-CaM-UNet at the paper's 512x512 (13 GB of temporaries): 30 s out of the box, 22 s
+with huge pages (16 GB), while retaining needs more than the machine's 24 GB. Huge pages alone
+also lose when another process takes memory in between (the benchmark's PyTorch process: the
+U-Net at 128x128 20-25 % slower than retaining), as the kernel then compacts memory to find them.
+The README's Performance section has the benchmark tables.
 
 Both must act before JAX starts its threads: call `configure` first thing in a script.
 """
