@@ -33,10 +33,14 @@ step after the first few; peak resident memory), default / huge_pages / retain /
 U-Net at 256x256 3.68 / 3.21-3.27 / 3.40 / 3.28-3.34 s, 3.3 / 3.4 / 7.2 / 7.3 GB; U-Net at 128x128
 0.96 / 0.93-0.99 / 0.84 / 0.87-0.90 s; EC-CaM-UNet at 128x128 1.36-1.41 / 1.13-1.18 / 1.32 /
 1.22-1.27 s. EC-CaM-UNet at the paper's 512x512 (13 GB of temporaries): 30 s out of the box, 22 s
-with huge pages (16 GB), while retaining needs more than the machine's 24 GB. Huge pages alone
-also lose when another process takes memory in between (the benchmark's PyTorch process: the
-U-Net at 128x128 20-25 % slower than retaining), as the kernel then compacts memory to find them.
-The README's Performance section has the benchmark tables.
+with huge pages (16 GB), while retaining needs more than the machine's 24 GB. Huge pages alone are
+fragile, though: when another process takes and returns memory in between (the benchmark's PyTorch
+process, out of the box), the kernel compacts memory to find free 2 MB pages, and the JAX step with
+huge pages alone took 1.07-1.10 s for the U-Net at 128x128 and 8.2 s for EC-CaM-UNet at 256x256,
+against 0.85-0.93 s and 4.5-4.6 s with huge_pages+retain; retained memory is not given back, so it
+is not exposed. Hence 'auto' takes both. The demo (README's first command, empty caches / warm): 89
+/ 70 s out of the box, 87 / 63 s with huge pages alone, 107 / 63 s with both (retaining slows its
+compilations). The README's Performance section has the benchmark tables.
 
 Both must act before JAX starts its threads: call `configure` first thing in a script.
 """
