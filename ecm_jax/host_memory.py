@@ -59,8 +59,8 @@ MODES = ('auto', 'huge_pages+retain', 'huge_pages', 'retain', 'default')
 FLAG_HELP = ('huge_pages: back large host blocks with transparent huge pages (restarts the command '
              'with glibc.malloc.hugetlb=1); retain: keep freed host memory for reuse (more '
              'memory, slower compiles); both spare every step most of its page faults on CPU; '
-             'auto: huge_pages+retain on the CPU (retain alone where huge pages are not to be had), '
-             'default on GPU/TPU; default: the C library\'s behaviour (ecm_jax.host_memory).')
+             'auto: huge_pages+retain on the CPU (retain alone where huge pages are not to be '
+             'had), default on GPU/TPU; default: the C library\'s behaviour (ecm_jax.host_memory).')
 
 # How many steps' temporaries a retaining process may hold at once (module doc: 3 seen).
 RETAINED_STEPS = 3
