@@ -119,9 +119,9 @@ def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
 
 
 def prepare_process(args: argparse.Namespace) -> str:
-  """First thing in a benchmark process: the host allocator of --host_memory (for 'huge_pages' the
+  """First thing in a benchmark process: the host allocator of --host_memory (for huge pages the
   process restarts itself), and no persistent compilation cache (compile times are measured).
-  Returns the allocator in effect, 'huge_pages', 'retain' or 'default', for the report."""
+  Returns the allocator in effect (`host_memory.configure`'s answer), for the report."""
   allocator = host_memory.configure(args.host_memory)
   jax.config.update('jax_enable_compilation_cache', False)
   return allocator

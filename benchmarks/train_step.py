@@ -32,9 +32,9 @@ The first-step losses of both sides are printed too (same weights, same batch: t
 float32 rounding).
 
 Host memory: the PyTorch step runs in a process of its own, so each framework has its own host
-allocator: --host_memory for JAX (default auto: huge pages on CPU where the system offers them, as
-train.py runs), and --torch_host_memory for PyTorch (default: glibc's own behaviour, as PyTorch runs
-out of the box). Huge pages or retained freed memory (`ecm_jax.host_memory`) spare every step most
+allocator: --host_memory for JAX (default auto: huge pages and retaining on CPU, as train.py
+runs), and --torch_host_memory for PyTorch (default: glibc's own behaviour, as PyTorch runs out of
+the box). Huge pages or retained freed memory (`ecm_jax.host_memory`) spare every step most
 of the page faults of its freshly mapped buffers, and speed up both frameworks; compare with both
 set alike as well as as shipped. A retaining process holds its peak: at 512x512 with full widths
 two of them exceed 24 GiB.
@@ -131,7 +131,7 @@ class TorchStepProcess:
   allocator (--host_memory for JAX, --torch_host_memory for PyTorch). `step()` is a
   `time_interleaved` thunk (the message round trip costs well under a millisecond);
   `close()` returns the peak memory (see `_torch_worker`). `host_memory` is the allocator in
-  effect there ('huge_pages', 'retain' or 'default'), `version` PyTorch's version and threads."""
+  effect there (`host_memory.configure`'s answer), `version` PyTorch's version and threads."""
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
                variables: dict, host_memory_mode: str):

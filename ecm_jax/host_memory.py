@@ -42,7 +42,8 @@ is not exposed. Hence 'auto' takes both. The demo (README's first command, empty
 / 70 s out of the box, 87 / 63 s with huge pages alone, 107 / 63 s with both (retaining slows its
 compilations). The README's Performance section has the benchmark tables.
 
-Both must act before JAX starts its threads: call `configure` first thing in a script.
+Call `configure` first thing in a script, before JAX starts its threads: the arena setting holds
+only for threads that have not allocated yet, and a restart is cheapest before anything is loaded.
 """
 
 import contextlib

@@ -83,8 +83,8 @@ _RESTARTED = textwrap.dedent('''
     # Restarted once: same arguments and environment, the tunable appended to the user's.
     ('huge_pages', 'glibc.malloc.arena_max=2',
      'huge_pages [\'a\', \'--b=1\'] glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 kept'),
-    # The environment already says (a parent, the user): left as it is, no restart.
     ('huge_pages+retain', None, "huge_pages+retain ['a', '--b=1'] glibc.malloc.hugetlb=1 kept"),
+    # The environment already says (a parent, the user): left as it is, no restart.
     ('huge_pages', 'glibc.malloc.hugetlb=0', "default ['a', '--b=1'] glibc.malloc.hugetlb=0 kept"),
     ('default', None, "default ['a', '--b=1'] None kept"),
 ])
