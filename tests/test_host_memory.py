@@ -14,6 +14,17 @@ from ecm_jax import host_memory
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+
+def _child_env(**extra) -> dict[str, str]:
+  """This environment for a child process, without any glibc tunables of ours, plus `extra`."""
+  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  return dict(env, **extra)
+
+
+def _skip_without_huge_pages():
+  if not host_memory.huge_pages_available():
+    pytest.skip('no transparent huge pages or glibc < 2.35 here')
+
 # In a fresh process (mallopt changes the whole process): fill a 256 MB block from malloc twice,
 # freeing it in between, and print the minor page faults of the second fill (malloc as XLA
 # allocates: numpy would ask the kernel for huge pages itself). Mode 'returned' retains, fills,
@@ -43,9 +54,8 @@ _CHILD = textwrap.dedent('''
 
 
 def _second_fill_faults(mode: str) -> int:
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   out = subprocess.run([sys.executable, '-c', _CHILD, mode], capture_output=True, text=True,
-                       cwd=REPO, env=env)
+                       cwd=REPO, env=_child_env())
   if out.returncode == 3:
     pytest.skip('no glibc mallopt here')
   assert out.returncode == 0, out.stderr
@@ -63,8 +73,7 @@ def test_retained_block_is_reused_without_page_faults():
 
 
 def test_huge_pages_restart_the_process_and_fault_by_2mb():
-  if not host_memory.huge_pages_available():
-    pytest.skip('no transparent huge pages or glibc < 2.35 here')
+  _skip_without_huge_pages()
   # 2 MB pages: 128 faults for the 256 MB block instead of 65,536 (a few more where the kernel
   # had no free huge page at hand and fell back to 4 KB ones).
   assert _second_fill_faults('huge_pages') < 2**28 // 4096 // 10
@@ -90,10 +99,9 @@ _RESTARTED = textwrap.dedent('''
 ])
 def test_configure_restarts_for_huge_pages_keeping_arguments_and_environment(mode, tunables,
                                                                               expected):
-  if 'huge_pages' in mode and not host_memory.huge_pages_available():
-    pytest.skip('no transparent huge pages or glibc < 2.35 here')
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  env.update(KEEP='kept', **({} if tunables is None else {'GLIBC_TUNABLES': tunables}))
+  if 'huge_pages' in mode:
+    _skip_without_huge_pages()
+  env = _child_env(KEEP='kept', **({} if tunables is None else {'GLIBC_TUNABLES': tunables}))
   out = subprocess.run([sys.executable, '-c', _RESTARTED, mode, 'a', '--b=1'], cwd=REPO, env=env,
                        capture_output=True, text=True, check=True).stdout.splitlines()
   restarted = 'huge_pages' in mode and tunables != 'glibc.malloc.hugetlb=0'
