@@ -1,6 +1,6 @@
 """Per-op benchmark of `ecm_jax.ops`: each kernel shape of a U-Net 64..1024, timed per `conv_impl`.
 
-  python benchmarks/ops.py --size 128 --batch 4 --repeats 5
+  python benchmarks/ops.py --size 128 --batch 4 --repeats 5 [--torch] [--host_memory auto]
 
 For every distinct conv shape of the network (plain U-Net; with --ec the 1x3/3x1 branches of the
 encoder; with --aspp the CoAG-MuSFu 1x1 and dilated 3x3 convs at the bottleneck), and for
@@ -12,6 +12,12 @@ are skipped by 'gemm', so its figure can exceed the peak), the speed-up of each 
 first, the conv time per training step summed over the layers (count x fwd+bwd) per group, and
 the machine's GEMM peak measured in the same run. The upsampling and pooling ops are compared
 with the library forms they replace (einsum; flax.linen.max_pool).
+
+With --torch, PyTorch's `conv2d` (NCHW, as the reference model runs it) is timed on the same
+values in the same rounds, and each JAX impl's time is divided by it (< 1: JAX faster). PyTorch
+runs in this process, so both frameworks share its host allocator (--host_memory, as the other
+benchmarks set it up): a per-layer comparison with equal allocators, where the train-step
+benchmark runs PyTorch as out of the box by default. The forward outputs are checked to agree.
 """
 
 import argparse
@@ -23,11 +29,13 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import measure_gemm_peak, median, time_interleaved  # noqa: E402
-from ecm_jax import ops  # noqa: E402
+from benchmarks.common import (command_line, measure_gemm_peak, median,  # noqa: E402
+                               parse_ints, prepare_process, time_interleaved)
+from ecm_jax import host_memory, ops  # noqa: E402
 
 FEATURES = (64, 128, 256, 512, 1024)
 
@@ -82,81 +90,147 @@ def fwd_and_grad(fn, x, params):
   return (lambda: fwd(x, params)), (lambda: both(x, params, r))
 
 
-def time_row(variants, x, params, repeats):
-  """{variant: (fwd seconds, fwd+bwd seconds)}, all variants interleaved."""
+def torch_conv_thunks(x, kernel, dilation):
+  """(forward thunk, forward+backward thunk) of PyTorch's `conv2d` on the values of `x` (NHWC) and
+  `kernel` (HWIO), in PyTorch's layouts (NCHW, OIHW), and the forward output as NHWC numpy. The
+  backward is the gradients w.r.t. input and kernel of <conv2d(x, kernel), r>, as
+  `fwd_and_grad`'s (its own random r)."""
+  import torch  # optional dependency: only with --torch
+  dtype = getattr(torch, x.dtype.name)
+  xt = torch.from_numpy(np.asarray(x, np.float32).transpose(0, 3, 1, 2).copy()).to(dtype)
+  kt = torch.from_numpy(np.asarray(kernel, np.float32).transpose(3, 2, 0, 1).copy()).to(dtype)
+  padding = (dilation * (kernel.shape[0] // 2), dilation * (kernel.shape[1] // 2))
+
+  def conv(a, k):
+    return torch.nn.functional.conv2d(a, k, padding=padding, dilation=dilation)
+
+  with torch.no_grad():
+    out = conv(xt, kt)
+  r = torch.randn_like(out)
+  xg, kg = xt.clone().requires_grad_(), kt.clone().requires_grad_()
+
+  def forward():
+    with torch.no_grad():
+      conv(xt, kt)
+
+  def both():
+    torch.autograd.grad(conv(xg, kg), (xg, kg), r)
+
+  return forward, both, out.float().numpy().transpose(0, 2, 3, 1)
+
+
+def time_row(variants, x, params, repeats, extra=None):
+  """{variant: (fwd seconds, fwd+bwd seconds)}, all variants interleaved; `extra` maps more
+  names to ready (fwd thunk, fwd+bwd thunk) pairs, timed in the same rounds."""
   thunks = {}
   for name, fn in variants.items():
     thunks[name, 'fwd'], thunks[name, 'both'] = fwd_and_grad(fn, x, params)
+  for name, (fwd, both) in (extra or {}).items():
+    thunks[name, 'fwd'], thunks[name, 'both'] = fwd, both
   t = time_interleaved(thunks, repeats)
-  return {name: (median(t[name, 'fwd']), median(t[name, 'both'])) for name in variants}
+  return {name: (median(t[name, 'fwd']), median(t[name, 'both'])) for name, _ in thunks}
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--size', type=int, default=128)
   p.add_argument('--batch', type=int, default=4)
   p.add_argument('--in-channels', type=int, default=1)
+  p.add_argument('--features', type=parse_ints, default=FEATURES,
+                 help='encoder widths (default 64,128,256,512,1024)')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--impls', default='xla,gemm', help='comma-separated conv impls; the first is the baseline')
   p.add_argument('--dtype', default='float32')
   p.add_argument('--no-ec', dest='ec', action='store_false', help='leave out the EC 1x3/3x1 convs')
   p.add_argument('--no-aspp', dest='aspp', action='store_false', help='leave out the ASPP/fusion convs')
   p.add_argument('--only', default='', help='regex: time only the rows whose layer name matches')
-  args = p.parse_args()
+  p.add_argument('--torch', action='store_true',
+                 help="also time PyTorch's conv2d on each conv layer, in this process")
+  p.add_argument('--host_memory', choices=host_memory.MODES, default='auto',
+                 help="this process's host allocator (PyTorch's too): " + host_memory.FLAG_HELP)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+  """Runs the benchmark, prints its tables; returns one dict per conv row: layer, group, H, cin,
+  cout, kernel, count, and per impl (and 'torch') the (fwd, fwd+bwd) seconds."""
+  args = parse_args(argv)
   impls = args.impls.split(',')
   for impl in impls:
     ops.resolve_impl(impl)
+  allocator = prepare_process(args)
   dtype = jnp.dtype(args.dtype)
   key = jax.random.PRNGKey(0)
 
   peak = measure_gemm_peak()
   print(f'# ops benchmark: {args.size}x{args.size}, batch {args.batch}, {dtype.name}, '
-        f'median of {args.repeats}, impls interleaved')
-  print(f'jax {jax.__version__}, backend {jax.default_backend()}, {platform.processor() or platform.machine()}, '
-        f"'auto' -> {ops.resolve_impl('auto')}; GEMM peak (2048^3 matmul) {peak:.0f} GFLOP/s\n")
-  cols = ' | '.join(f'{i} fwd ms | {i} f+b ms | {i} f+b GF/s' for i in impls)
-  speed = ' | '.join(f'{i}/{impls[0]} f+b' for i in impls[1:])
-  print(f'| layer | x (B,H,W,C) | kernel | n | {cols} | {speed} |')
-  print('|' + '---|' * (4 + 3 * len(impls) + len(impls) - 1))
+        f'median of {args.repeats}, impls interleaved; host memory {allocator}')
+  versions = f'jax {jax.__version__}'
+  if args.torch:
+    import torch
+    versions += f', PyTorch {torch.__version__} ({torch.get_num_threads()} threads)'
+  print(f'{versions}, backend {jax.default_backend()}, {platform.processor() or platform.machine()}, '
+        f"'auto' -> {ops.resolve_impl('auto')}; GEMM peak (2048^3 matmul) {peak:.0f} GFLOP/s")
+  print(command_line('ops.py', argv) + '\n')
+  timed = impls + ['torch'] * args.torch
+  cols = ' | '.join(f'{i} fwd ms | {i} f+b ms | {i} f+b GF/s' for i in timed)
+  speed = [f'{i}/{impls[0]} f+b' for i in impls[1:]]
+  speed += [f'{i}/torch f+b time' for i in impls] if args.torch else []
+  print(f'| layer | x (B,H,W,C) | kernel | n | {cols} | {" | ".join(speed)} |')
+  print('|' + '---|' * (4 + 3 * len(timed) + len(speed)))
   totals = {}  # group -> impl -> seconds of count x fwd+bwd
+  rows = []
 
   def wanted(label):
     return re.search(args.only, label) is not None
 
   for group, name, h, cin, cout, kh, kw, d, count in conv_layers(
-      args.size, args.in_channels, FEATURES, args.ec, args.aspp):
+      args.size, args.in_channels, args.features, args.ec, args.aspp):
     if not wanted(name):
       continue
     x = jax.random.normal(key, (args.batch, h, h, cin), dtype)
     k = (jax.random.normal(key, (kh, kw, cin, cout)) * (kh * kw * cin) ** -0.5).astype(dtype)
     variants = {i: (lambda i: lambda x, k: ops.conv2d(x, k, dilation=d, impl=i))(i) for i in impls}
-    res = time_row(variants, x, k, args.repeats)
+    extra = {}
+    if args.torch:
+      forward, both, out = torch_conv_thunks(x, k, d)
+      expected = np.asarray(variants[impls[0]](x, k), np.float32)
+      tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
+      if not np.allclose(out, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max()):
+        raise RuntimeError(f'{name}: PyTorch conv2d and {impls[0]} disagree '
+                           f'(max |difference| {np.abs(out - expected).max():.3g})')
+      extra['torch'] = (forward, both)
+    res = time_row(variants, x, k, args.repeats, extra)
     flops = 2 * args.batch * h * h * kh * kw * cin * cout
     cells = []
-    for i in impls:
+    for i in timed:
       f, b = res[i]
-      totals.setdefault(group, dict.fromkeys(impls, 0.0))[i] += count * b
+      totals.setdefault(group, dict.fromkeys(timed, 0.0))[i] += count * b
       cells.append(f'{f * 1e3:.1f} | {b * 1e3:.1f} | {3 * flops / b / 1e9:.0f}')
     cells += [f'{res[impls[0]][1] / res[i][1]:.2f}x' for i in impls[1:]]
+    cells += [f'{res[i][1] / res["torch"][1]:.2f}' for i in impls] if args.torch else []
     kdesc = f'{kh}x{kw}x{cin}x{cout}' + (f' d{d}' if d > 1 else '')
     print(f'| {name} | {(args.batch, h, h, cin)} | {kdesc} | {count} | ' + ' | '.join(cells) + ' |',
           flush=True)
+    rows.append(dict(layer=name, group=group, H=h, cin=cin, cout=cout, kernel=kdesc, count=count,
+                     **res))
 
   print('\nSum of count x fwd+bwd over the conv layers (s):')
   for group, t in totals.items():
-    print(f'- {group}: ' + ', '.join(f'{i} {t[i]:.2f}' for i in impls) + '; ' + ', '.join(
-        f'{i}/{impls[0]} {t[impls[0]] / t[i]:.2f}x' for i in impls[1:]))
+    ratios = [f'{i}/{impls[0]} {t[impls[0]] / t[i]:.2f}x' for i in impls[1:]]
+    ratios += [f'{i}/torch time {t[i] / t["torch"]:.2f}' for i in impls] if args.torch else []
+    print(f'- {group}: ' + ', '.join(f'{i} {t[i]:.2f}' for i in timed) + '; ' + ', '.join(ratios))
 
   # The other ops have one implementation each; compared with the library form they replace.
   print('\n| op | x (B,H,W,C) | ours fwd ms | ours f+b ms | reference | ref f+b ms | ref/ours f+b |')
   print('|---|---|---|---|---|---|---|')
   others = []
-  for level in range(len(FEATURES) - 1):
-    h, c = args.size >> (level + 1), FEATURES[level + 1]
+  for level in range(len(args.features) - 1):
+    h, c = args.size >> (level + 1), args.features[level + 1]
     others.append((f'upsample_patches s2 (dec{level})', (h, c), (2, 2, c, c // 2),
                    ops.upsample_patches, 'einsum', upsample_einsum))
-  for level in range(len(FEATURES) - 1):
-    h, c = args.size >> level, FEATURES[level]
+  for level in range(len(args.features) - 1):
+    h, c = args.size >> level, args.features[level]
     others.append((f'max_pool_2x2 (enc{level})', (h, c), None, lambda x, _: ops.max_pool_2x2(x),
                    'flax max_pool', lambda x, _: nn.max_pool(x, (2, 2), strides=(2, 2))))
   for name, (h, c), kshape, ours, ref_name, ref in others:
@@ -167,6 +241,7 @@ def main():
     res = time_row({'ours': ours, 'ref': ref}, x, k, args.repeats)
     print(f"| {name} | {(args.batch, h, h, c)} | {res['ours'][0] * 1e3:.1f} | {res['ours'][1] * 1e3:.1f} "
           f"| {ref_name} | {res['ref'][1] * 1e3:.1f} | {res['ref'][1] / res['ours'][1]:.2f}x |", flush=True)
+  return rows
 
 
 if __name__ == '__main__':

@@ -8,9 +8,12 @@ within about a minute and a half; compilation is most of it.
 import csv
 import math
 
+import jax
+import numpy as np
 import pytest
 
-from benchmarks import inference, scaling, train_step
+from benchmarks import inference, ops, scaling, train_step
+from ecm_jax import ops as jax_ops
 
 # --host_memory default: retaining would change the allocator of the whole pytest process.
 TINY = ['--features', '4,8,8,16,16', '--size', '32', '--conv_impl', 'xla', '--repeats', '1',
@@ -94,7 +97,37 @@ def test_scaling_weak_and_strong(tmp_path, capsys):
   assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.mark.parametrize('script', [train_step, inference, scaling])
+def test_ops_per_layer_with_torch(capsys):
+  pytest.importorskip('torch')
+  rows = ops.main(['--size', '16', '--features', '4,8,8,16,16', '--repeats', '1', '--impls',
+                   'xla,gemm', '--torch', '--host_memory', 'default', '--only', r'enc1\.|aspp d6'])
+  out = capsys.readouterr().out
+  assert '| xla/torch f+b time | gemm/torch f+b time |' in out
+  # enc1's convs and EC branches, and ASPP's rate 6; a shape is listed once, with its count
+  # (dec1.1's conv has enc1.1's shape).
+  assert [(r['layer'], r['kernel'], r['count']) for r in rows] == [
+      ('enc1.0', '3x3x4x8', 1), ('enc1.0 1x3', '1x3x4x8', 1), ('enc1.0 3x1', '3x1x4x8', 1),
+      ('enc1.1', '3x3x8x8', 2), ('enc1.1 1x3', '1x3x8x8', 1), ('enc1.1 3x1', '3x1x8x8', 1),
+      ('aspp d6', '3x3x16x256 d6', 1)]
+  for row in rows:
+    for impl in ('xla', 'gemm', 'torch'):
+      assert all(_positive(t) for t in row[impl]), (row['layer'], impl)
+  assert '- unet: xla ' in out and 'gemm/torch time' in out
+
+
+def test_ops_torch_conv_matches_jax():
+  # The PyTorch side computes the same convolution (NCHW/OIHW from NHWC/HWIO, 'SAME' padding,
+  # dilation), so that its times compare like with like.
+  pytest.importorskip('torch')
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 3))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 3, 5))
+  forward, both, out = ops.torch_conv_thunks(x, kernel, 2)
+  expected = jax_ops.conv2d(x, kernel, dilation=2, impl='xla')
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  forward(), both()  # run without error
+
+
+@pytest.mark.parametrize('script', [train_step, inference, scaling, ops])
 def test_help_lists_the_host_memory_modes(script, capsys):
   with pytest.raises(SystemExit) as exit_info:
     script.parse_args(['--help'])
