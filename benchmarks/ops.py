@@ -91,10 +91,11 @@ def fwd_and_grad(fn, x, params):
 
 
 def torch_conv_thunks(x, kernel, dilation):
-  """(forward thunk, forward+backward thunk) of PyTorch's `conv2d` on the values of `x` (NHWC) and
-  `kernel` (HWIO), in PyTorch's layouts (NCHW, OIHW), and the forward output as NHWC numpy. The
-  backward is the gradients w.r.t. input and kernel of <conv2d(x, kernel), r>, as
-  `fwd_and_grad`'s (its own random r)."""
+  """(forward thunk, forward+backward thunk, r, forward output) of PyTorch's `conv2d` on the values
+  of `x` (NHWC) and `kernel` (HWIO), in PyTorch's layouts (NCHW, OIHW). The forward+backward thunk
+  returns the gradients w.r.t. input and kernel of <conv2d(x, kernel), r> as PyTorch computes
+  them (NCHW, OIHW tensors), as `fwd_and_grad` times them (its own random r); r and the output
+  are numpy, NHWC."""
   import torch  # optional dependency: only with --torch
   dtype = getattr(torch, x.dtype.name)
   xt = torch.from_numpy(np.asarray(x, np.float32).transpose(0, 3, 1, 2).copy()).to(dtype)
@@ -114,9 +115,9 @@ def torch_conv_thunks(x, kernel, dilation):
       conv(xt, kt)
 
   def both():
-    torch.autograd.grad(conv(xg, kg), (xg, kg), r)
+    return torch.autograd.grad(conv(xg, kg), (xg, kg), r)
 
-  return forward, both, out.float().numpy().transpose(0, 2, 3, 1)
+  return forward, both, *(t.float().numpy().transpose(0, 2, 3, 1) for t in (r, out))
 
 
 def time_row(variants, x, params, repeats, extra=None):
@@ -193,7 +194,7 @@ def main(argv=None) -> list[dict]:
     variants = {i: (lambda i: lambda x, k: ops.conv2d(x, k, dilation=d, impl=i))(i) for i in impls}
     extra = {}
     if args.torch:
-      forward, both, out = torch_conv_thunks(x, k, d)
+      forward, both, _, out = torch_conv_thunks(x, k, d)
       expected = np.asarray(variants[impls[0]](x, k), np.float32)
       tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
       if not np.allclose(out, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max()):

@@ -1,8 +1,8 @@
 """Smoke tests of the benchmark scripts: each runs end to end and prints / writes what it promises.
 
 No timing claims: figures are only checked to be positive and finite. A tiny network (widths
-4..16, 32x32, conv_impl 'xla', which compiles fastest) and one timed round keep the three runs
-within about a minute and a half; compilation is most of it.
+4..16, 32x32, conv_impl 'xla', which compiles fastest; 16x16 and a few layers for the per-op
+benchmark) and one timed round keep the runs within about a minute; compilation is most of it.
 """
 
 import csv
@@ -116,15 +116,19 @@ def test_ops_per_layer_with_torch(capsys):
 
 
 def test_ops_torch_conv_matches_jax():
-  # The PyTorch side computes the same convolution (NCHW/OIHW from NHWC/HWIO, 'SAME' padding,
-  # dilation), so that its times compare like with like.
+  # The PyTorch side computes the same convolution and gradients (NCHW/OIHW from NHWC/HWIO, 'SAME'
+  # padding, dilation), so that its times compare like with like.
   pytest.importorskip('torch')
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 3))
   kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 3, 5))
-  forward, both, out = ops.torch_conv_thunks(x, kernel, 2)
-  expected = jax_ops.conv2d(x, kernel, dilation=2, impl='xla')
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-  forward(), both()  # run without error
+  forward, both, r, out = ops.torch_conv_thunks(x, kernel, 2)
+  y, vjp = jax.vjp(lambda x, k: jax_ops.conv2d(x, k, dilation=2, impl='xla'), x, kernel)
+  np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-5)
+  dx, dk = both()
+  want_dx, want_dk = vjp(r)
+  np.testing.assert_allclose(dx.permute(0, 2, 3, 1).numpy(), want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dk.permute(2, 3, 1, 0).numpy(), want_dk, rtol=1e-4, atol=1e-4)
+  assert forward() is None
 
 
 @pytest.mark.parametrize('script', [train_step, inference, scaling, ops])
