@@ -174,11 +174,12 @@ def main(argv=None) -> list[dict]:
         f"'auto' -> {ops.resolve_impl('auto')}; GEMM peak (2048^3 matmul) {peak:.0f} GFLOP/s")
   print(command_line('ops.py', argv) + '\n')
   timed = impls + ['torch'] * args.torch
-  cols = ' | '.join(f'{i} fwd ms | {i} f+b ms | {i} f+b GF/s' for i in timed)
-  speed = [f'{i}/{impls[0]} f+b' for i in impls[1:]]
-  speed += [f'{i}/torch f+b time' for i in impls] if args.torch else []
-  print(f'| layer | x (B,H,W,C) | kernel | n | {cols} | {" | ".join(speed)} |')
-  print('|' + '---|' * (4 + 3 * len(timed) + len(speed)))
+  header = ['layer', 'x (B,H,W,C)', 'kernel', 'n']
+  header += [f'{i} {column}' for i in timed for column in ('fwd ms', 'f+b ms', 'f+b GF/s')]
+  header += [f'{i}/{impls[0]} f+b' for i in impls[1:]]
+  header += [f'{i}/torch f+b time' for i in impls] if args.torch else []
+  print('| ' + ' | '.join(header) + ' |')
+  print('|' + '---|' * len(header))
   totals = {}  # group -> impl -> seconds of count x fwd+bwd
   rows = []
 
