@@ -211,7 +211,7 @@ def for_child_processes(mode: str):
   (asked for if `mode` resolves to huge pages and they are available, removed otherwise), so
   that `configure(mode)` in them needs no restart. For the benchmarks' PyTorch process."""
   saved = os.environ.get('GLIBC_TUNABLES')
-  _set_tunables(_tunables_with('huge_pages' in resolve(mode) and huge_pages_available()))
+  _set_tunables(_tunables_with(_wants_huge_pages(mode)))
   try:
     yield
   finally:
@@ -239,16 +239,19 @@ def resolve(mode: str) -> str:
   return 'huge_pages+retain' if huge_pages_available() else 'retain'
 
 
+def _wants_huge_pages(mode: str) -> bool:
+  """Whether `mode` resolves to huge pages here and they are available."""
+  return 'huge_pages' in resolve(mode).split('+') and huge_pages_available()
+
+
 def configure(mode: str) -> str:
   """Applies `resolve(mode)` to this process, first thing in a script. Huge pages: restarts the
   script with them asked for, unless its environment already says (set by that restart, by a
   parent process or by the user: left as it is). Returns what is in effect: 'huge_pages' (asked
   for and available, whatever the mode), 'retain', 'huge_pages+retain' or 'default'."""
-  measures = resolve(mode).split('+')
-  available = huge_pages_available()
-  if 'huge_pages' in measures and huge_pages_requested() is None and available:
+  if _wants_huge_pages(mode) and huge_pages_requested() is None:
     restart_with_huge_pages()
-  in_effect = ['huge_pages'] if available and huge_pages_requested() else []
-  if 'retain' in measures and retain_freed_memory():
+  in_effect = ['huge_pages'] if huge_pages_requested() and huge_pages_available() else []
+  if 'retain' in resolve(mode).split('+') and retain_freed_memory():
     in_effect.append('retain')
   return '+'.join(in_effect) or 'default'
