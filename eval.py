@@ -11,14 +11,13 @@ The run's own config.json defines the model and data; --config, if given, must a
 """
 
 import pathlib
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from ecm_jax import host_memory  # no JAX: set up before JAX starts (main)
+from ecm_jax import cli
+from ecm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (optional: checked against '
                                           'the run).', lock_config=True)
@@ -31,36 +30,27 @@ _PREDICT = flags.DEFINE_string('predict', None, 'A .nii.gz scan or a folder of t
                                '(instead of evaluating a split).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the masks of --predict.')
 _FOLD = flags.DEFINE_bool('fold', True, 'Use the EC fold (one 3x3 conv per EC block) for inference.')
-_HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto', host_memory.MODES,
-                                 host_memory.FLAG_HELP)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  host_memory.configure(_HOST_MEMORY.value)  # before JAX starts; may restart the command
+  del argv
   if _PREDICT.value and not _OUTPUT.value:
     raise app.UsageError('--predict needs --output (a folder for the masks)')
-  from ecm_jax import checkpoint, data, evaluation, report  # pylint: disable=g-import-not-at-top
-  from ecm_jax import training  # pylint: disable=g-import-not-at-top
-  from ecm_jax.inference import Predictor  # pylint: disable=g-import-not-at-top
-  training.enable_compilation_cache()
+  # pylint: disable=g-import-not-at-top  (JAX after the process start-up)
+  from ecm_jax import data
+  from ecm_jax.evaluate import evaluation
+  from ecm_jax.evaluate import report
+  from ecm_jax.evaluate.inference import Predictor
   workdir = pathlib.Path(_WORKDIR.value)
-  try:
-    predictor = Predictor(workdir, _CHECKPOINT.value, config=_CONFIG.value, fold=_FOLD.value)
-    if _PREDICT.value:
-      written = evaluation.predict_scans(predictor, _PREDICT.value, _OUTPUT.value)
-      print(f'{len(written)} mask(s) written to {_OUTPUT.value}')
-      return
-    ds = data.prepare(predictor.config.data, split_file=workdir / 'splits.json')
-    out_dir = workdir / 'eval' / _SPLIT.value
-    document = evaluation.evaluate_split(predictor, ds, _SPLIT.value, out_dir,
-                                         export_nifti=_EXPORT.value)
-  except (checkpoint.WorkdirError, data.DataError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  predictor = Predictor(workdir, _CHECKPOINT.value, config=_CONFIG.value, fold=_FOLD.value)
+  if _PREDICT.value:
+    written = evaluation.predict_scans(predictor, _PREDICT.value, _OUTPUT.value)
+    print(f'{len(written)} mask(s) written to {_OUTPUT.value}')
+    return
+  ds = data.prepare(predictor.config.data, split_file=workdir / 'splits.json')
+  out_dir = workdir / 'eval' / _SPLIT.value
+  document = evaluation.evaluate_split(predictor, ds, _SPLIT.value, out_dir,
+                                       export_nifti=_EXPORT.value)
   print(f'{workdir} checkpoint {predictor.step}, {_SPLIT.value} split'
         f'{" (SYNTHETIC demo data)" if ds.synthetic else ""}:\n')
   print(report.summary_table(document))
@@ -69,4 +59,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run(main, UserError)

@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ecm_jax import host_memory, training
-from ecm_jax.models import build_model
+from ecm_jax.cpu import host_memory
+from ecm_jax.train import sharding
+from ecm_jax.train import train_state
+from ecm_jax.models.networks import build_model, variable_shapes
 
 # The learning-rate schedule's length for benchmark steps (the schedule's value has no effect on
 # speed; training uses the run's total step count).
@@ -129,14 +131,14 @@ def prepare_process(args: argparse.Namespace) -> str:
 
 @dataclasses.dataclass
 class CompiledTrainStep:
-  """The product train step (`training.jit_train_step`: state replicated and donated, batch sharded
+  """The product train step (`sharding.jit_train_step`: state replicated and donated, batch sharded
   over the mesh) compiled for one config, with its state and one fixed batch.
 
   `step()` runs one optimizer step, keeps the new state and records the loss (that of the state
   before the step); call it as a `time_interleaved` thunk.
   """
   compiled: jax.stages.Compiled
-  state: training.TrainState
+  state: train_state.TrainState
   batch: dict
   compile_seconds: float
   losses: list = dataclasses.field(default_factory=list)
@@ -164,10 +166,7 @@ def random_variables(model_config: ml_collections.ConfigDict, seed: int = 0) -> 
   N(0, 1/fan-in), BatchNorm scales and variances U(0.5, 1.5), every other leaf (biases, BatchNorm
   means, attention gains) N(0, 0.1^2). Non-trivial BatchNorm statistics give the fold something to
   fold."""
-  model = build_model(model_config)
-  size = 2**(len(model_config.features) - 1)  # smallest valid input (any gives the same variables)
-  x = jnp.zeros((1, size, size, model_config.in_channels), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  shapes = variable_shapes(build_model(model_config))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -181,40 +180,36 @@ def random_variables(model_config: ml_collections.ConfigDict, seed: int = 0) -> 
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def random_train_state(config: ml_collections.ConfigDict) -> training.TrainState:
+def random_train_state(config: ml_collections.ConfigDict) -> train_state.TrainState:
   """A train state of `config` on the host, with `random_variables` (no initialiser to compile)
   and the optimizer's initial state: for benchmarks that need any state, the same in every
   process."""
   variables = random_variables(config.model, config.seed)
-  tx = training.make_optimizer(config, TOTAL_STEPS)
-  return jax.device_get(training.TrainState(
-      step=np.zeros((), np.int32), params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(variables['params'])))
+  tx = train_state.make_optimizer(config, TOTAL_STEPS)
+  return jax.device_get(train_state.state_from_variables(variables, tx))
 
 
 def initial_state(config: ml_collections.ConfigDict,
-                  mesh: jax.sharding.Mesh) -> training.TrainState:
-  """The train state a run of `config` starts from (`training.create_train_state`, from
+                  mesh: jax.sharding.Mesh) -> train_state.TrainState:
+  """The train state a run of `config` starts from (`train_state.create_train_state`, from
   `config.seed`), replicated over `mesh`."""
-  image_shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
-  state = training.create_train_state(build_model(config.model),
-                                      training.make_optimizer(config, TOTAL_STEPS), config.seed,
-                                      image_shape)
-  return training.replicate(state, mesh)
+  state = train_state.create_train_state(build_model(config.model),
+                                         train_state.make_optimizer(config, TOTAL_STEPS), config.seed)
+  return sharding.replicate(state, mesh)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                        batch: dict[str, np.ndarray],
-                       state: training.TrainState) -> CompiledTrainStep:
+                       state: train_state.TrainState) -> CompiledTrainStep:
   """The train step as `ecm_jax.trainer` builds it (`jit_train_step` with the run's optimizer and
   schedule) for `batch` (global, numpy) and `state` (replicated over `mesh`, e.g. `initial_state`;
   donated to the first step). Compile time is the wall time of lower() + compile()."""
-  training.check_batch_divisible(config.train.batch_size, mesh)
-  jitted = training.jit_train_step(mesh, model=build_model(config.model),
-                                   tx=training.make_optimizer(config, TOTAL_STEPS),
+  sharding.check_batch_divisible(config.train.batch_size, mesh)
+  jitted = sharding.jit_train_step(mesh, model=build_model(config.model),
+                                   tx=train_state.make_optimizer(config, TOTAL_STEPS),
                                    loss_config=config.loss,
-                                   schedule=training.learning_rate_schedule(config, TOTAL_STEPS))
-  sharded = training.shard_batch(batch, mesh)
+                                   schedule=train_state.learning_rate_schedule(config, TOTAL_STEPS))
+  sharded = sharding.shard_batch(batch, mesh)
   start = time.perf_counter()
   compiled = jitted.lower(state, sharded).compile()
   return CompiledTrainStep(compiled, state, sharded, time.perf_counter() - start)

@@ -34,9 +34,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
                                config_from_args, machine_summary, markdown_table, median,
                                prepare_process, random_variables, time_interleaved, write_csv)
-from ecm_jax.fold import fold_ec, has_ec_blocks  # noqa: E402
-from ecm_jax.inference import Predictor, batched_logits  # noqa: E402
-from ecm_jax.models import build_model  # noqa: E402
+from ecm_jax.models.fold import fold_ec, has_ec_blocks  # noqa: E402
+from ecm_jax.evaluate.inference import Predictor, batched_logits  # noqa: E402
+from ecm_jax.models.networks import build_model  # noqa: E402
 
 HEADER = ('form', 'compile s', 'GFLOP / slice', 'slices/s (batch)', 'volume latency s',
           'volume slices/s', 'speed-up (volume)')

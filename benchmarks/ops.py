@@ -35,7 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (command_line, measure_gemm_peak, median,  # noqa: E402
                                parse_ints, prepare_process, time_interleaved)
-from ecm_jax import host_memory, ops  # noqa: E402
+from ecm_jax.cpu import host_memory  # noqa: E402
+from ecm_jax.models import ops  # noqa: E402
 
 FEATURES = (64, 128, 256, 512, 1024)
 

@@ -4,7 +4,7 @@
       --devices 1,2,4 --per_device_batch 2 --global_batch 8 --repeats 3 [--out scaling]
 
 One subprocess per device count N (a process's device count is fixed when jax starts), each
-running the product train step (`training.jit_train_step` on a mesh over the first N devices: state
+running the product train step (`sharding.jit_train_step` on a mesh over the first N devices: state
 replicated and donated, batch sharded) on a synthetic batch from the same random state in every
 process (`common.random_train_state`: numpy draws, no initialiser to compile), median step time of
 --repeats steps after --warmup:
@@ -38,7 +38,7 @@ from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
                                compile_train_step, config_from_args, host_summary,
                                markdown_table, median, parse_ints, prepare_process,
                                random_train_state, time_interleaved, write_csv)
-from ecm_jax import training  # noqa: E402
+from ecm_jax.train import sharding  # noqa: E402
 from ecm_jax.data.synthetic import noise_batches  # noqa: E402
 
 LOSS_RTOL = 1e-5  # |loss_N - loss_1| <= LOSS_RTOL * |loss_1|
@@ -61,14 +61,14 @@ def run_worker(args: argparse.Namespace) -> None:
     reason = f'{n} devices asked, {jax.device_count()} {base["platform"]} device(s) present'
     print(RESULT_PREFIX + json.dumps(dict(base, skipped=reason)), flush=True)
     return
-  mesh = training.make_mesh(jax.devices()[:n])
+  mesh = sharding.make_mesh(jax.devices()[:n])
   start = None  # the initial state on the host (it does not depend on the batch size)
   for global_batch in args.global_batches:
     config = config_from_args(args, batch=global_batch)
     if start is None:
       start = random_train_state(config)
     step = compile_train_step(config, mesh, noise_batches(config, 1)[0],
-                              training.replicate(start, mesh))
+                              sharding.replicate(start, mesh))
     times = time_interleaved({'step': step.step}, args.repeats, args.warmup)['step']
     print(RESULT_PREFIX + json.dumps(dict(
         base, global_batch=global_batch, step_s=median(times), compile_s=step.compile_seconds,

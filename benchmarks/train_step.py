@@ -4,10 +4,10 @@
       --size 128 --batch 4 --repeats 5 [--features 64,128,256,512,1024] [--no-torch] \
       [--conv_impl auto] [--host_memory auto] [--torch_host_memory default] [--csv train_step.csv]
 
-Per variant, the JAX step is built as training builds it (`training.make_optimizer`,
+Per variant, the JAX step is built as training builds it (`train_state.make_optimizer`,
 `create_train_state`, `make_mesh` over every device, `replicate`, `shard_batch`, `jit_train_step`:
 state donated), and the PyTorch step from `ecm_jax.torch_ref` (`build_torch_model`,
-`torch_ref.training.make_optimizer` / `train_step`) with the same initial weights
+`torch_ref.train_state.make_optimizer` / `train_step`) with the same initial weights
 (`torch_ref.convert`) and the same synthetic batch. The two steps and a 2048^3 matmul (the
 machine's GEMM peak) run round-robin: --warmup rounds, then --repeats timed rounds; each figure is
 the median of its rounds, so the JAX/PyTorch ratio and the fraction of peak compare calls made
@@ -62,7 +62,8 @@ from benchmarks.common import (TOTAL_STEPS, add_config_arguments,  # noqa: E402
                                command_line, compile_train_step, config_from_args, gemm_thunk,
                                initial_state, machine_summary, markdown_table, median,
                                prepare_process, time_interleaved, write_csv)
-from ecm_jax import host_memory, training  # noqa: E402
+from ecm_jax.cpu import host_memory  # noqa: E402
+from ecm_jax.train import sharding  # noqa: E402
 from ecm_jax.data.synthetic import noise_batches  # noqa: E402
 
 HEADER = ('variant', 'framework', 'step s', 'images/s', 'compile s', 'memory MB', 'GFLOP / step',
@@ -166,7 +167,7 @@ def benchmark_variant(config: ml_collections.ConfigDict, *, repeats: int, warmup
   """One CSV row per framework for `config`, the steps and the GEMM timed interleaved.
   `host_memory` is this process's allocator in effect (for the JAX row), `torch_host_memory` the
   mode the PyTorch process is asked for."""
-  batch, mesh = noise_batches(config, 1)[0], training.make_mesh()
+  batch, mesh = noise_batches(config, 1)[0], sharding.make_mesh()
   jax_step = compile_train_step(config, mesh, batch, initial_state(config, mesh))
   thunks = {'jax': jax_step.step}
   torch_step = None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import inference, ops, scaling, train_step
-from ecm_jax import ops as jax_ops
+from ecm_jax.models import ops as jax_ops
 
 # --host_memory default: retaining would change the allocator of the whole pytest process.
 TINY = ['--features', '4,8,8,16,16', '--size', '32', '--conv_impl', 'xla', '--repeats', '1',

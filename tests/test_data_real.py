@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from configs import default
 from ecm_jax import data
 

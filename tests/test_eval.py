@@ -1,7 +1,6 @@
 """Evaluation and prediction of a run: outputs, EC fold at inference, NIfTI geometry, bad input."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -11,14 +10,14 @@ import numpy as np
 import pytest
 
 from configs import demo
-from ecm_jax import checkpoint
+from ecm_jax.train import checkpoint
 from ecm_jax import data
-from ecm_jax import evaluation
-from ecm_jax import training
-from ecm_jax.inference import Predictor
-from ecm_jax.models import build_model
+from ecm_jax.evaluate import evaluation
+from ecm_jax.train import train_state
+from ecm_jax.evaluate.inference import Predictor
+from ecm_jax.models.networks import build_model
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 
 
 def _config(tmp):
@@ -38,8 +37,8 @@ def run(tmp_path_factory):
   workdir = tmp / 'run'
   checkpoint.guard_workdir_config(workdir, config, allow_config_change=False)
   model = build_model(config.model)
-  tx = training.make_optimizer(config, total_steps=1)
-  state = training.create_train_state(model, tx, 0, (32, 32, 1))
+  tx = train_state.make_optimizer(config, total_steps=1)
+  state = train_state.create_train_state(model, tx, 0)
   rng = np.random.default_rng(0)
   stats = jax.tree.map(lambda x: np.asarray(x) + rng.uniform(0.1, 0.5, x.shape).astype(np.float32),
                        state.batch_stats)

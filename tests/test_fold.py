@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ecm_jax.fold import fold_ec, fold_ec_block
-from ecm_jax.layers import EnhancedConv
-from ecm_jax.models import build_model
-from test_layers import randomized, run_fast
-from test_models import abstract_variables, random_input, small_config
+from ecm_jax.models.fold import fold_ec, fold_ec_block
+from ecm_jax.models.layers import EnhancedConv
+from ecm_jax.models.networks import build_model
+from helpers import abstract_variables, random_input, randomized, run_fast, small_config
 
 
 def assert_close_to_scale(actual, expected, relative=1e-4):

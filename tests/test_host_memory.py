@@ -11,9 +11,10 @@ import textwrap
 
 import pytest
 
-from ecm_jax import host_memory
+from ecm_jax import runtime
+from ecm_jax.cpu import host_memory
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 
 
 def _child_env(**extra) -> dict[str, str]:
@@ -33,7 +34,7 @@ def _skip_without_huge_pages():
 # then undoes retaining before the two fills.
 _CHILD = textwrap.dedent('''
     import ctypes, ctypes.util, resource, sys
-    from ecm_jax import host_memory
+    from ecm_jax.cpu import host_memory
     libc = ctypes.CDLL(ctypes.util.find_library('c'))
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = (ctypes.c_void_p,)
@@ -83,7 +84,7 @@ def test_huge_pages_restart_the_process_and_fault_by_2mb():
 
 _RESTARTED = textwrap.dedent('''
     import os, sys
-    from ecm_jax import host_memory
+    from ecm_jax.cpu import host_memory
     print('started', flush=True)
     in_effect = host_memory.configure(sys.argv[1])
     print(in_effect, sys.argv[2:], os.environ.get('GLIBC_TUNABLES'), os.environ['KEEP'])
@@ -141,7 +142,7 @@ def test_fit_to_memory_stops_retaining_when_steps_do_not_fit(monkeypatch, retain
   if stops:
     assert message == ("host memory: no longer retaining freed memory: a step's temporaries take "
                        '4.0 GiB and a retaining process can hold 3x that, more than the 10.0 GiB '
-                       'available; steps run slower (ecm_jax/host_memory.py)')
+                       'available; steps run slower (ecm_jax/cpu/host_memory.py)')
   else:
     assert message is None
 
@@ -163,7 +164,7 @@ def test_available_bytes_reads_meminfo():
 ])
 def test_auto_acts_only_on_cpu(monkeypatch, platforms, plugin, huge_pages, expected):
   monkeypatch.setenv('JAX_PLATFORMS', platforms)
-  monkeypatch.setattr(host_memory, 'accelerator_plugin_installed', lambda: plugin)
+  monkeypatch.setattr(runtime, 'accelerator_plugin_installed', lambda: plugin)
   monkeypatch.setattr(host_memory, 'huge_pages_available', lambda: huge_pages)
   assert host_memory.resolve('auto') == expected
   for mode in host_memory.MODES[1:]:

@@ -12,46 +12,16 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ecm_jax.aspp import ImagePooling, MultiScale
-from ecm_jax.attention import (CBAM, AttentionGate, ChannelAttention, ChannelCorrelation,
+from ecm_jax.models.aspp import ImagePooling, MultiScale
+from ecm_jax.models.attention import (CBAM, AttentionGate, ChannelAttention, ChannelCorrelation,
                                CollaborativeAttention, DualAttention, PositionAttention,
                                SpatialCorrelation, SqueezeExcitation)
-from ecm_jax.bottleneck import CoAGMuSFu
-from ecm_jax.layers import BatchNorm, Conv2D, PatchUpsample
-from ecm_jax.models import FAST_COMPILE_OPTIONS
-from ecm_jax.side_output import SideOutput
+from ecm_jax.models.bottleneck import CoAGMuSFu
+from ecm_jax.models.layers import BatchNorm, Conv2D, PatchUpsample
+from ecm_jax.models.side_output import SideOutput
+from helpers import randomized, run_fast
 
 EPS = 1e-5
-
-
-def run_fast(fn, *args):
-  """fn(*args), jitted and compiled with `FAST_COMPILE_OPTIONS`."""
-  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE_OPTIONS)(*args)
-
-
-def randomized(variables, seed):
-  """Variables of the same structure with random values: kernels ~ N(0, 1/fan_in), biases and
-  running means ~ N(0, 0.1^2), BN scales ~ 1 + N(0, 0.2^2), running vars ~ U(0.5, 1.5),
-  DA-Net gammas 0.5."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == 'kernel':
-      value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
-    elif name in ('bias', 'mean'):
-      value = 0.1 * rng.normal(size=shape)
-    elif name == 'scale':
-      value = 1 + 0.2 * rng.normal(size=shape)
-    elif name == 'var':
-      value = rng.uniform(0.5, 1.5, size=shape)
-    elif name == 'gamma':
-      value = np.full(shape, 0.5)
-    else:
-      raise AssertionError(f'unexpected variable {path}')
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, variables)
 
 
 def init_random(module, *arrays, seed=0, **flags):

@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ecm_jax import losses
+from ecm_jax.train import losses
 
 
 def _sigmoid(x):

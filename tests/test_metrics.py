@@ -9,7 +9,7 @@ import pytest
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-from ecm_jax import metrics
+from ecm_jax.evaluate import metrics
 
 RTOL = 1e-12  # same arithmetic as medpy, up to summation order
 

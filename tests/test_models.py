@@ -6,8 +6,6 @@ Small widths (4..64) and 32x32 inputs except where stated; jitted programs are c
 that resolve to the same model config (e.g. fusion_fuse = ec_cam_unet) are checked once.
 """
 
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -18,41 +16,16 @@ import numpy as np
 import pytest
 
 from configs.default import VARIANTS, get_config
-from ecm_jax.attention import SqueezeExcitation
-from ecm_jax.losses import segmentation_loss
-from ecm_jax.models import attention_maps, build_model, init_variables, summary_table
-from ecm_jax.side_output import SideOutput
-from test_layers import randomized, run_fast
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# conv_impl 'xla': the tiny-shape tests check the graph, and lax.conv compiles several times faster
-# than the per-tap 'gemm' kernels ('auto' on CPU), which tests/test_ops.py checks against it.
-SMALL = dict(features=(4, 8, 16, 32, 64), mus_channels=8, side_features=(8, 8, 4), cc_hidden=4,
-             se_reduction=4, conv_impl='xla')
-# Gradients are checked on the full model and on each baseline architecture; the other ec_cam_unet
-# rows (Tables II, III) are built from the full model's blocks and are checked forward only (train
-# and eval), to keep compile time in bounds.
-GRADIENT_ROWS = ('ec_cam_unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet')
-
-
-def small_config(variant='ec_cam_unet', **overrides):
-  config = get_config(variant).model
-  config.update(SMALL)
-  config.update(overrides)
-  return config
-
-
-def abstract_variables(model, shape=(2, 32, 32, 1)):
-  x = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-
+from ecm_jax.models.attention import SqueezeExcitation
+from ecm_jax.train.losses import segmentation_loss
+from ecm_jax.models.networks import attention_maps, build_model, init_variables
+from ecm_jax.models.summary import summary_table
+from ecm_jax.models.side_output import SideOutput
+from helpers import (GRADIENT_ROWS, REPO, abstract_variables, random_input, randomized,
+                     run_fast, small_config)
 
 def param_paths(config):
   return set(flax.traverse_util.flatten_dict(abstract_variables(build_model(config))['params']))
-
-
-def random_input(shape=(2, 32, 32, 1), seed=1):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def train_and_eval(model, variables, x, with_gradients):
@@ -267,9 +240,9 @@ def test_float64_model_is_float64_throughout(variant):
 
 def test_init_variables_equals_model_init_and_follows_pytorch_init():
   model = build_model(small_config('unet'))
-  key = jax.random.key(3)
-  x = jnp.zeros((2, 32, 48, 1))
-  variables = init_variables(model, key)
+  key = jax.random.key(3, impl='rbg')  # what init_variables(model, seed=3) draws from
+  x = jnp.zeros((2, 32, 48, 1))  # any valid input gives the same variables
+  variables = init_variables(model, 3)
   reference = run_fast(lambda key, x: model.init(key, x, train=False), key, x)
   jax.tree.map(np.testing.assert_array_equal, variables, reference)
   flat = flax.traverse_util.flatten_dict(variables)
@@ -314,13 +287,13 @@ def test_summary_table_counts_parameters_and_flops():
 
 
 def test_summary_command_line_takes_config_overrides_and_variants():
-  command = [sys.executable, '-m', 'ecm_jax.models', '--config', 'configs/kits.py',
+  command = [sys.executable, '-m', 'ecm_jax.models.summary', '--config', 'configs/kits.py',
              '--config.model.features=(4, 8, 16, 32, 64)', '--config.model.mus_channels=8',
              '--config.model.side_features=(8, 8, 4)', '--config.model.conv_impl=xla',
              '--config.data.image_size=32',
              '--variants=unet,unet+dws']
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'PYTHONPATH': str(REPO)})
+                          )
   assert result.returncode == 0, result.stderr
   rows = [line for line in result.stdout.splitlines() if line.startswith('| unet')]
   assert len(rows) == 2

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import export, lax
 
-from ecm_jax import ops
+from ecm_jax.models import ops
 
 
 def _close(actual, desired, rtol):

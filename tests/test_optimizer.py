@@ -2,14 +2,13 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from configs import default
-from ecm_jax import training
+from ecm_jax.train import train_state
 
 
 def _config(lr=1e-2, wd=1e-1):
@@ -20,7 +19,7 @@ def _config(lr=1e-2, wd=1e-1):
 
 
 def test_cosine_schedule_spans_the_run():
-  sched = training.learning_rate_schedule(_config(lr=1e-5), total_steps=100)
+  sched = train_state.learning_rate_schedule(_config(lr=1e-5), total_steps=100)
   np.testing.assert_allclose(float(sched(0)), 1e-5, rtol=1e-6)
   np.testing.assert_allclose(float(sched(50)), 0.5e-5, rtol=1e-5)
   assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
@@ -44,7 +43,7 @@ def test_adam_with_l2_matches_reference():
   rng = np.random.default_rng(0)
   params = rng.normal(size=(5,)).astype(np.float64)
   grads = [rng.normal(size=(5,)) for _ in range(6)]
-  tx = training.make_optimizer(_config(), total_steps=6)
+  tx = train_state.make_optimizer(_config(), total_steps=6)
   p = jnp.asarray(params, jnp.float32)
   state = tx.init(p)
   for g in grads:
@@ -66,7 +65,7 @@ def test_adam_with_l2_matches_torch():
     w.grad = torch.tensor(g)
     opt.step()
     sched.step()
-  tx = training.make_optimizer(_config(), total_steps=5)
+  tx = train_state.make_optimizer(_config(), total_steps=5)
   p = jnp.asarray(params)
   state = tx.init(p)
   for g in grads:
@@ -77,7 +76,7 @@ def test_adam_with_l2_matches_torch():
 
 def test_weight_decay_is_not_adamw():
   """With zero gradients, L2-in-gradient Adam moves params by ~lr (normalised), AdamW by lr*wd*p."""
-  tx = training.make_optimizer(_config(lr=1e-2, wd=1e-1), total_steps=10)
+  tx = train_state.make_optimizer(_config(lr=1e-2, wd=1e-1), total_steps=10)
   p = jnp.full((3,), 2.0)
   updates, _ = tx.update(jnp.zeros(3), tx.init(p), p)
   np.testing.assert_allclose(np.asarray(updates), -1e-2, rtol=1e-4)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpl_image
 
-from ecm_jax import plots
+from ecm_jax.evaluate import plots
 
 
 def read_png(path):

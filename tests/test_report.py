@@ -3,12 +3,15 @@
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from ecm_jax import metrics
-from ecm_jax import report
+from ecm_jax.evaluate import metrics
+from ecm_jax.evaluate import report
+from helpers import REPO
 
 # Four slices: TP, FP, FN, TN. Pooled: TP 15, FP 6, FN 8 -> DSC 30/44, sens 15/23, prec 15/21.
 SLICE_COUNTS = np.array([[10, 2, 3, 100], [0, 0, 0, 115], [0, 4, 0, 111], [5, 0, 5, 105]])
@@ -83,7 +86,7 @@ def test_report_table_rows_variants_columns_datasets_with_paper_reference(tmp_pa
           fake_run(tmp_path, 'demo', variant='unet+coa', dataset='synthetic',
                    pooled={'dice': 0.5, 'sensitivity': None, 'precision': 1.0})]
   out = tmp_path / 'report.md'
-  report.main([str(r) for r in runs] + ['--out', str(out)])
+  report.write_results_table(runs, out=out)
   printed = capsys.readouterr().out
   assert out.read_text() == printed
   assert printed.splitlines()[2:] == [
@@ -110,14 +113,17 @@ def test_run_without_eval_metrics_is_named_in_the_error(tmp_path):
   bare.mkdir()
   (bare / 'config.json').write_text((run / 'config.json').read_text())
   out = tmp_path / 'report.md'
-  with pytest.raises(SystemExit) as excinfo:
-    report.main([str(run), str(bare), '--out', str(out)])
-  assert excinfo.value.code == (f'error: {bare}: no eval metrics for split "test"; run eval.py on '
-                                f'it first ({bare}/eval/test/metrics.json not found)')
+  # The command line: one error line, exit status 2, nothing written.
+  command = [sys.executable, '-m', 'ecm_jax.evaluate.report', str(run), str(bare), '--out', str(out)]
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: {bare}: no eval metrics for split "test"; run eval.py on it first '
+      f'({bare}/eval/test/metrics.json not found)')
+  assert 'Traceback' not in result.stderr
   assert not out.exists()
-  with pytest.raises(SystemExit) as excinfo:
-    report.main([str(run), '--split', 'val'])
-  assert excinfo.value.code.startswith(f'error: {run}: no eval metrics for split "val"')
+  with pytest.raises(report.ReportError, match=f'^{run}: no eval metrics for split "val"'):
+    report.write_results_table([run], split='val')
   with pytest.raises(report.ReportError, match=f'^{tmp_path / "missing"}: no such run folder$'):
     report.load_run(tmp_path / 'missing')
 

@@ -16,12 +16,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
-from ecm_jax import checkpoint
-from ecm_jax import host_memory
-from ecm_jax import trainer
-from ecm_jax import training
+from ecm_jax.train import checkpoint
+from ecm_jax.cpu import host_memory
+from ecm_jax.train import loop as trainer
+from ecm_jax.train import step
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 
 # A tiny full EC-CaM-UNet on the synthetic demo data: every feature on, a few seconds a step.
 TINY = {
@@ -157,14 +157,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   """A loss that turns NaN at step 5 stops the run; the checkpoint of step 3 stays the latest."""
   config = demo.get_config('unet')  # the cheapest graph: this test is about the loop
   config.update_from_flattened_dict(dict(TINY, **{'data.cache_dir': str(tmp_path / 'cache')}))
-  real_train_step = training.train_step
+  real_train_step = step.train_step
 
   def diverging_step(state, batch, **kw):
     state, m = real_train_step(state, batch, **kw)
     m['loss'] = jnp.where(state.step >= 5, jnp.nan, m['loss'])
     return state, m
 
-  monkeypatch.setattr(training, 'train_step', diverging_step)
+  monkeypatch.setattr(step, 'train_step', diverging_step)
   with pytest.raises(trainer.NonFiniteLossError, match=r'non-finite loss nan at step 5'):
     trainer.train_and_evaluate(config, tmp_path / 'w')
   manager = checkpoint.checkpoint_manager(tmp_path / 'w', 2, read_only=True)

@@ -7,8 +7,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from ecm_jax import training
-from ecm_jax.models import build_model
+from ecm_jax.train import sharding
+from ecm_jax.train import step
+from ecm_jax.train import train_state
+from ecm_jax.models.networks import build_model
 
 
 def tiny_config(variant='ec_cam_unet'):
@@ -34,8 +36,8 @@ def setup():
   assert jax.device_count() == 2, 'tests/conftest.py sets two simulated CPU devices'
   config = tiny_config()
   model = build_model(config.model)
-  tx = training.make_optimizer(config, total_steps=10)
-  state = training.create_train_state(model, tx, 0, (32, 32, 1))
+  tx = train_state.make_optimizer(config, total_steps=10)
+  state = train_state.create_train_state(model, tx, 0)
   batch = _batch(np.random.default_rng(0))
   return config, model, tx, state, batch
 
@@ -43,15 +45,15 @@ def setup():
 def _run(devices, setup):
   """Gradients and one step on a 1D mesh over `devices` (batch sharded, state replicated)."""
   config, model, tx, state, batch = setup
-  mesh = training.make_mesh(devices)
-  state = training.replicate(jax.tree.map(jnp.copy, state), mesh)  # the step donates it
-  sharded = training.shard_batch(batch, mesh)
+  mesh = sharding.make_mesh(devices)
+  state = sharding.replicate(jax.tree.map(jnp.copy, state), mesh)  # the step donates it
+  sharded = sharding.shard_batch(batch, mesh)
   assert sharded['image'].sharding == NamedSharding(mesh, P('data'))
-  grads_fn = jax.jit(lambda s, b: training.loss_and_gradients(s, b, model=model,
+  grads_fn = jax.jit(lambda s, b: step.loss_and_gradients(s, b, model=model,
                                                               loss_config=config.loss))
   loss, _, grads, _ = grads_fn(state, sharded)
-  step = training.jit_train_step(mesh, model=model, tx=tx, loss_config=config.loss,
-                                 schedule=training.learning_rate_schedule(config, 10))
+  step = sharding.jit_train_step(mesh, model=model, tx=tx, loss_config=config.loss,
+                                 schedule=train_state.learning_rate_schedule(config, 10))
   new_state, step_metrics = step(state, sharded)
   return jax.device_get((loss, grads, new_state, step_metrics))
 
@@ -85,24 +87,24 @@ def test_step_updates_params_and_batch_stats(setup, runs):
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
-  mesh = training.make_mesh()
+  mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match=r'config.train.batch_size=3 is not divisible by the 2 '
                                        r'devices of the mesh; use a multiple of 2'):
-    training.check_batch_divisible(3, mesh)
+    sharding.check_batch_divisible(3, mesh)
 
 
 def test_eval_step_counts_exclude_padding(setup):
   config, model, tx, state, batch = setup
-  mesh = training.make_mesh()
-  state = training.replicate(jax.tree.map(jnp.copy, state), mesh)
-  eval_step = training.jit_eval_step(mesh, model=model)
+  mesh = sharding.make_mesh()
+  state = sharding.replicate(jax.tree.map(jnp.copy, state), mesh)
+  eval_step = sharding.jit_eval_step(mesh, model=model)
   full = dict(batch, valid=np.array([True, True, True, True]))
   half = dict(batch, valid=np.array([True, True, False, False]))
   first_two = {k: v[:2] for k, v in full.items()}
-  c_full = np.asarray(eval_step(state, training.shard_batch(full, mesh)))
-  c_half = np.asarray(eval_step(state, training.shard_batch(half, mesh)))
-  c_two = np.asarray(eval_step(state, training.shard_batch(first_two, mesh)))
+  c_full = np.asarray(eval_step(state, sharding.shard_batch(full, mesh)))
+  c_half = np.asarray(eval_step(state, sharding.shard_batch(half, mesh)))
+  c_two = np.asarray(eval_step(state, sharding.shard_batch(first_two, mesh)))
   np.testing.assert_array_equal(c_half, c_two)
   assert c_full.sum() > c_half.sum()
-  pred = np.asarray(training.predict(state, jnp.asarray(batch['image'][:2]), model=model))
+  pred = np.asarray(step.predict(state, jnp.asarray(batch['image'][:2]), model=model))
   assert pred.shape == (2, 32, 32) and set(np.unique(pred)) <= {0, 1}

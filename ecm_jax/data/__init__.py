@@ -13,7 +13,7 @@ from ecm_jax.data.dataset import check_config
 from ecm_jax.data.dataset import prepare
 from ecm_jax.data.dataset import PreparedDataset
 from ecm_jax.data.dataset import SliceSource
-from ecm_jax.data.errors import DataError
+from ecm_jax.errors import DataError
 from ecm_jax.data.export import load_scan
 from ecm_jax.data.export import write_prediction
 from ecm_jax.data.meta import CaseMeta

@@ -5,26 +5,27 @@
 case's `CaseMeta`, including which slices have foreground). `key` hashes the preprocessing config
 and the names, sizes and modification times of the source files, so any change builds a new cache
 and an unchanged config reuses the old one. A cache is built in a temporary sibling folder and
-renamed into place only when complete: a crash leaves a `.*.tmp-*` folder that is never read
+renamed into place only when complete (`ecm_jax.files.atomic_path`): a crash leaves a `.tmp-*`
+folder that is never read
 (safe to delete), and a failed build leaves nothing behind.
 """
 
 import dataclasses
 import hashlib
 import json
-import os
+import logging
 import pathlib
-import shutil
-import uuid
 
-from absl import logging
 import numpy as np
 import tqdm
 
+from ecm_jax import files
 from ecm_jax.data import meta as meta_lib
 from ecm_jax.data import preprocess
 from ecm_jax.data import readers
-from ecm_jax.data.errors import DataError
+from ecm_jax.errors import DataError
+
+_log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the cache layout or the preprocessing code changes meaning
 
@@ -70,7 +71,7 @@ def load_or_build(config, root, cases) -> tuple[pathlib.Path, list[meta_lib.Case
   if not path.exists():
     _build(config, cases, spec, key, path)
   else:
-    logging.info('reusing preprocessing cache %s', path)
+    _log.info('reusing preprocessing cache %s', path)
   index_path = path / 'index.json'
   try:
     index = json.loads(index_path.read_text())
@@ -86,24 +87,22 @@ def load_or_build(config, root, cases) -> tuple[pathlib.Path, list[meta_lib.Case
 
 def _build(config, cases, spec, key, path: pathlib.Path):
   created = _missing_folders(path.parent)
-  temporary = path.with_name(f'.{path.name}.tmp-{uuid.uuid4().hex[:8]}')
   try:
-    (temporary / 'cases').mkdir(parents=True)
-    metas = [_write_case(case, config, temporary)
-             for case in tqdm.tqdm(cases, desc=f'caching {config.dataset} slices', unit='case')]
-    index = {'format': FORMAT, 'key': key, 'spec': spec,
-             'cases': [meta.to_json() for meta in metas]}
-    (temporary / 'index.json').write_text(json.dumps(index))
-    _rename_into_place(temporary, path)
+    with files.atomic_path(path) as temporary:
+      (temporary / 'cases').mkdir(parents=True)
+      metas = [_write_case(case, config, temporary)
+               for case in tqdm.tqdm(cases, desc=f'caching {config.dataset} slices', unit='case')]
+      index = {'format': FORMAT, 'key': key, 'spec': spec,
+               'cases': [meta.to_json() for meta in metas]}
+      (temporary / 'index.json').write_text(json.dumps(index))
+  except OSError:
+    if not (path / 'index.json').is_file():  # else another process finished the same cache first
+      _remove_created(created)
+      raise
   except BaseException:
-    shutil.rmtree(temporary, ignore_errors=True)
-    for folder in created:  # deepest first; stops at the first that is not empty
-      try:
-        folder.rmdir()
-      except OSError:
-        break
+    _remove_created(created)
     raise
-  logging.info('built preprocessing cache %s (%d cases)', path, len(cases))
+  _log.info('built preprocessing cache %s (%d cases)', path, len(cases))
 
 
 def _write_case(case: readers.CaseFiles, config, folder: pathlib.Path) -> meta_lib.CaseMeta:
@@ -117,13 +116,12 @@ def _write_case(case: readers.CaseFiles, config, folder: pathlib.Path) -> meta_l
   return dataclasses.replace(meta, foreground_slices=tuple(int(i) for i in foreground))
 
 
-def _rename_into_place(temporary: pathlib.Path, path: pathlib.Path):
-  try:
-    os.rename(temporary, path)
-  except OSError:
-    if not (path / 'index.json').is_file():
-      raise
-    shutil.rmtree(temporary)  # another process finished the same cache first
+def _remove_created(created: list[pathlib.Path]) -> None:
+  for folder in created:  # deepest first; stops at the first that is not empty
+    try:
+      folder.rmdir()
+    except OSError:
+      break
 
 
 def _missing_folders(folder: pathlib.Path) -> list[pathlib.Path]:

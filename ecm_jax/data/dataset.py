@@ -9,7 +9,7 @@ from ecm_jax.data import meta as meta_lib
 from ecm_jax.data import readers
 from ecm_jax.data import splits
 from ecm_jax.data import synthetic
-from ecm_jax.data.errors import DataError
+from ecm_jax.errors import DataError
 
 _CHOICES = {
     'dataset': tuple(readers.SLICING),

@@ -17,7 +17,7 @@ from ecm_jax.data import dataset
 from ecm_jax.data import meta as meta_lib
 from ecm_jax.data import preprocess
 from ecm_jax.data import readers
-from ecm_jax.data.errors import DataError
+from ecm_jax.errors import DataError
 
 
 def load_scan(path, config) -> tuple[np.ndarray, meta_lib.CaseMeta]:

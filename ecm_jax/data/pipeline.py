@@ -9,7 +9,7 @@ import grain
 import numpy as np
 
 from ecm_jax.data import augment
-from ecm_jax.data.errors import DataError
+from ecm_jax.errors import DataError
 
 
 class Augment(grain.transforms.RandomMap):

@@ -8,7 +8,7 @@ down is then the identity, which is what makes writing predictions back exact wh
 
 import numpy as np
 
-from ecm_jax.data.errors import DataError
+from ecm_jax.errors import DataError
 
 
 def window_ct(volume: np.ndarray, window) -> np.ndarray:

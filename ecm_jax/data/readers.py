@@ -12,16 +12,18 @@ Layouts (`config.data.dataset`):
 """
 
 import json
+import logging
 import pathlib
 import re
 from typing import NamedTuple
 
-from absl import logging
 import nibabel as nib
 import numpy as np
 
 from ecm_jax.data import meta as meta_lib
-from ecm_jax.data.errors import DataError
+from ecm_jax.errors import DataError
+
+_log = logging.getLogger(__name__)
 
 # dataset -> (reorient to closest canonical RAS, slice axis of the reoriented volume)
 SLICING = {
@@ -69,7 +71,7 @@ def list_cases(config, root) -> list[CaseFiles]:
     raise DataError(f'{case.image}: no label file (expected {case.label}); '
                     f'{len(unlabelled)} image(s) without labels, see data.missing_labels')
   if unlabelled:
-    logging.info('%s: skipping %d image(s) without labels (data.missing_labels="skip")',
+    _log.info('%s: skipping %d image(s) without labels (data.missing_labels="skip")',
                  root, len(unlabelled))
   if not labelled:
     raise DataError(f'{root}: no labelled cases found')

@@ -2,13 +2,15 @@
 
 import collections
 import json
-import os
+import logging
 import pathlib
 
-from absl import logging
 import numpy as np
 
-from ecm_jax.data.errors import DataError
+from ecm_jax import files
+from ecm_jax.errors import DataError
+
+_log = logging.getLogger(__name__)
 
 SPLITS = ('train', 'val', 'test')
 
@@ -43,15 +45,11 @@ def read_split(path, case_ids, counts) -> dict[str, list[str]]:
     raise DataError(f'{path}: {len(unknown)} case(s) not found in the dataset: {unknown[:5]}')
   found = tuple(len(split[name]) for name in SPLITS)
   if found != tuple(counts):
-    logging.warning('%s: split file has %s cases per split, data.split is %s; using the file',
+    _log.warning('%s: split file has %s cases per split, data.split is %s; using the file',
                     path, found, tuple(counts))
   return split
 
 
 def write_split(path, split: dict[str, list[str]], **provenance):
   """Write the split as JSON (atomically: a temporary file renamed into place)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  temporary.write_text(json.dumps({**provenance, **split}, indent=1) + '\n')
-  os.replace(temporary, path)
+  files.write_text(path, json.dumps({**provenance, **split}, indent=1) + '\n')

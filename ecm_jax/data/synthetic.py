@@ -12,17 +12,17 @@ descriptions and the log line.
 
 import hashlib
 import json
-import os
+import logging
 import pathlib
-import shutil
-import uuid
 
-from absl import logging
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ecm_jax import files
 from ecm_jax.data import cache
+
+_log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump when the phantom changes, so old folders are not reused
 SLICE_THICKNESS_MM = 3.0
@@ -38,16 +38,13 @@ def ensure_dataset(config) -> pathlib.Path:
       json.dumps({'version': GENERATOR_VERSION, **params}, sort_keys=True).encode()).hexdigest()
   root = cache.cache_root(config) / f'synthetic_kits19-{digest[:12]}'
   if not root.exists():
-    temporary = root.with_name(f'.{root.name}.tmp-{uuid.uuid4().hex[:8]}')
     try:
-      write_dataset(temporary, **params)
-      os.rename(temporary, root)
+      with files.atomic_path(root) as temporary:
+        write_dataset(temporary, **params)
     except OSError:
-      if not root.exists():
+      if not root.exists():  # else another process wrote the same data first
         raise
-    finally:
-      shutil.rmtree(temporary, ignore_errors=True)
-  logging.warning('using SYNTHETIC demo data (not real anatomy) at %s', root)
+  _log.warning('using SYNTHETIC demo data (not real anatomy) at %s', root)
   return root
 
 

@@ -8,7 +8,7 @@ import ml_collections
 import torch
 import torch.nn.functional as F
 
-from ecm_jax.losses import MAIN_LOSSES
+from ecm_jax.train.losses import MAIN_LOSSES
 
 
 def _probs_and_targets(logits: torch.Tensor, labels: torch.Tensor):

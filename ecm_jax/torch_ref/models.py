@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecm_jax import models as flax_models
-from ecm_jax.layers import EC_BRANCHES
-from ecm_jax.side_output import SIDE_SCALES
+from ecm_jax.models import networks as flax_models
+from ecm_jax.models.layers import EC_BRANCHES
+from ecm_jax.models.side_output import SIDE_SCALES
 
 
 # --- layers (ecm_jax.layers) --------------------------------------------------------------------

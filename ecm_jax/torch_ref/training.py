@@ -1,7 +1,7 @@
 """The optimizer of `ecm_jax.training` (SPEC section 3) in torch, and one train step.
 
 `torch.optim.Adam(weight_decay=wd)` adds wd * param to the gradient before the moments, which is
-what `training.make_optimizer` chains in optax; `LambdaLR` gives step t (0-based) the learning rate
+what `train_state.make_optimizer` chains in optax; `LambdaLR` gives step t (0-based) the learning rate
 lr * 0.5 * (1 + cos(pi * min(t, T) / T)), optax's `cosine_decay_schedule(lr, T)` at count t.
 """
 
@@ -14,7 +14,7 @@ from ecm_jax.torch_ref import losses
 
 
 def cosine_factor(step: int, total_steps: int) -> float:
-  """The factor of `training.learning_rate_schedule` at `step`: cosine from 1 to 0 over the run."""
+  """The factor of `train_state.learning_rate_schedule` at `step`: cosine from 1 to 0 over the run."""
   total = max(total_steps, 1)
   return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
@@ -32,7 +32,7 @@ def make_optimizer(model: torch.nn.Module, config: ml_collections.ConfigDict, to
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                batch: dict, loss_config: ml_collections.ConfigDict) -> dict:
   """One optimizer step in train mode on `batch` ({'image' (B,C,H,W), 'label' (B,H,W)}), as
-  `training.train_step`; returns the loss and its terms (floats)."""
+  `step.train_step`; returns the loss and its terms (floats)."""
   model.train()
   optimizer.zero_grad()
   loss, terms = losses.segmentation_loss(model(batch['image']), batch['label'], loss_config)

@@ -6,9 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ecm_jax.aspp import MultiScale
-from ecm_jax.attention import CollaborativeAttention
-from ecm_jax.layers import ConvBNReLU, LayerSettings
+from ecm_jax.models.aspp import MultiScale
+from ecm_jax.models.attention import CollaborativeAttention
+from ecm_jax.models.layers import ConvBNReLU, LayerSettings
 
 FUSIONS = ('fuse', 'add', 'series')
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ecm_jax import ops
+from ecm_jax.models import ops
 
 
 def at_least_float32(dtype: Any) -> Any:

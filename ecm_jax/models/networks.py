@@ -16,7 +16,7 @@ Which `config.model` switches each name reads:
                   the bottleneck as in EC-CaM-UNet (U-Net++: node X^{4,0}).
 
 Summary table (parameters, forward GFLOPs per image from XLA cost analysis, output shapes):
-  python -m ecm_jax.models --config configs/kits.py [--variants unet,ec_cam_unet]
+  python -m ecm_jax.models.networks --config configs/kits.py [--variants unet,ec_cam_unet]
 """
 
 import functools
@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ecm_jax import ops
-from ecm_jax.attention import (CBAM, AttentionGate, DualAttention, SqueezeExcitation)
-from ecm_jax.bottleneck import FUSIONS, CoAGMuSFu
-from ecm_jax.layers import Conv2D, DoubleConv, LayerSettings, PatchUpsample, at_least_float32
-from ecm_jax.side_output import SideOutput
+from ecm_jax.models import ops
+from ecm_jax.models.attention import (CBAM, AttentionGate, DualAttention, SqueezeExcitation)
+from ecm_jax.models.bottleneck import FUSIONS, CoAGMuSFu
+from ecm_jax.models.layers import Conv2D, DoubleConv, LayerSettings, PatchUpsample, at_least_float32
+from ecm_jax.models.side_output import SideOutput
 
 MODEL_NAMES = ('ec_cam_unet', 'unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet')
 # Compute dtypes. 'float64' (params, statistics and outputs float64 too) needs jax_enable_x64: it
@@ -205,7 +205,9 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     raise ValueError('model.ec_folded=True (set by fold_ec) needs model.name=ec_cam_unet with '
                      'ec=True')
 
-  settings = LayerSettings(DTYPES[m.dtype], m.conv_impl, m.bn_momentum, m.bn_epsilon, bn_axis_name)
+  # 'auto' is resolved here, once, for the backend the model will run on (ecm_jax.models.ops).
+  settings = LayerSettings(DTYPES[m.dtype], ops.resolve_impl(m.conv_impl), m.bn_momentum,
+                           m.bn_epsilon, bn_axis_name)
   side_output = SideOutput(tuple(m.side_features), m.num_classes, settings) if m.dws else None
   common = dict(features=tuple(m.features), in_channels=m.in_channels, num_classes=m.num_classes,
                 side_output=side_output, settings=settings)
@@ -225,16 +227,29 @@ def build_model(model_config: ml_collections.ConfigDict, *,
               attention_gates=m.name == 'attention_unet', **common)
 
 
-def init_variables(model: nn.Module, key: jax.Array) -> dict:
-  """`model.init(key, x, train=False)` of a `build_model` model, for any valid x, compiled fast.
+def init_variables(model: nn.Module, seed: int) -> dict:
+  """{'params', 'batch_stats'} of a `build_model` model initialised from `seed`: the one way
+  variables are made (training, evaluation, parity, benchmarks and tests all come here).
 
   No variable depends on the input's batch or spatial size, so this traces the smallest valid
-  input (1, 16, 16, in_channels), compiled with `FAST_COMPILE_OPTIONS` (same values).
+  input (1, 16, 16, in_channels). The 'rbg' generator and `FAST_COMPILE_OPTIONS`: XLA:CPU compiles
+  threefry-based initialisers of a network this size several times slower (same values either way
+  at optimisation level 1, checked).
   """
   size = 2**(len(model.features) - 1)
   x = jnp.zeros((1, size, size, model.in_channels), jnp.float32)
+  key = jax.random.key(seed, impl='rbg')
   init = jax.jit(functools.partial(model.init, train=False))
-  return init.lower(key, x).compile(compiler_options=FAST_COMPILE_OPTIONS)(key, x)
+  variables = init.lower(key, x).compile(compiler_options=FAST_COMPILE_OPTIONS)(key, x)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def variable_shapes(model: nn.Module) -> dict:
+  """The abstract (shape and dtype) tree of `init_variables(model, seed)`; nothing is computed."""
+  size = 2**(len(model.features) - 1)
+  x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl='rbg'), x, train=False), x)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
 def attention_maps(intermediates: Mapping) -> dict[str, jax.Array]:
@@ -242,61 +257,3 @@ def attention_maps(intermediates: Mapping) -> dict[str, jax.Array]:
   (B,HW,HW)), 'cc_weights' (Theta, (B,C)), 'coa_output' (F_A, (B,H,W,C)); only those the model has."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
   return {path[-1]: values[0] for path, values in flat.items() if path[-1] in ATTENTION_MAP_NAMES}
-
-
-def summary_table(model_configs: Mapping[str, ml_collections.ConfigDict], image_size: int) -> str:
-  """Markdown table: per model, parameter count, forward GFLOPs per image and the output shapes.
-
-  FLOPs: XLA's cost analysis of the lowered (not compiled: seconds, not minutes, at 512x512) eval
-  forward at batch 1, image_size x image_size, with `lax.conv` kernels (`conv_impl='xla'`): the
-  network's arithmetic, whatever kernels run it. Nothing is allocated: shapes are abstract.
-  """
-  lines = ['| variant | model | parameters | GFLOPs / image | logits | side_logits |',
-           '|---|---|---:|---:|---|---|']
-  for variant, model_config in model_configs.items():
-    model = build_model(ml_collections.ConfigDict(dict(model_config.to_dict(), conv_impl='xla')))
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, model_config.in_channels), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    params = sum(leaf.size for leaf in jax.tree.leaves(variables['params']))
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    flops = forward.lower(variables, x).cost_analysis()['flops']
-    outputs = jax.eval_shape(forward, variables, x)
-    side = outputs['side_logits'].shape if 'side_logits' in outputs else '-'
-    lines.append(f'| {variant} | {model_config.name} | {params:,} | {flops / 1e9:.2f} | '
-                 f'{outputs["logits"].shape} | {side} |')
-  return '\n'.join(lines)
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  from configs.default import VARIANTS, get_model_config
-
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/kits.py')
-  _VARIANTS = flags.DEFINE_list('variants', None, 'VARIANTS rows to summarise (default: all)')
-  flags.mark_flag_as_required('config')
-
-  def main(argv):
-    del argv
-    config = _CONFIG.value
-    names = _VARIANTS.value or list(VARIANTS)
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-      raise app.UsageError(f'--variants: unknown {unknown}; choose from {", ".join(VARIANTS)}')
-    # Each row is the configured model (widths, sizes, dtype) with the table switches reset to the
-    # defaults and the row's overrides applied, whatever variant the config file selected.
-    defaults = get_model_config()
-    switches = {key for row in VARIANTS.values() for key in row}
-    model_configs = {}
-    for name in names:
-      model_config = ml_collections.ConfigDict(config.model.to_dict())
-      model_config.update({key: defaults[key] for key in switches})
-      model_config.update(VARIANTS[name])
-      model_configs[name] = model_config
-    size = config.data.image_size
-    print(f'Input (1, {size}, {size}, {config.model.in_channels}), '
-          f'features {tuple(config.model.features)}, dtype {config.model.dtype}.\n')
-    print(summary_table(model_configs, size))
-
-  app.run(main)

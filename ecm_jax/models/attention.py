@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ecm_jax.layers import (Conv1D, Conv2D, ConvBNReLU, LayerSettings, PatchUpsample1D,
+from ecm_jax.models.layers import (Conv1D, Conv2D, ConvBNReLU, LayerSettings, PatchUpsample1D,
                             at_least_float32)
 
 

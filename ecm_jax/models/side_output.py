@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from ecm_jax.layers import Conv2D, LayerSettings, PatchUpsample, at_least_float32
+from ecm_jax.models.layers import Conv2D, LayerSettings, PatchUpsample, at_least_float32
 
 # Upsampling factors of the three deconvs: 2 x 2 x 4 = 16, bottleneck (1/16) to full resolution.
 SIDE_SCALES = (2, 2, 4)

@@ -9,27 +9,26 @@ Metrics (see ecm_jax/metrics.py for the empty-mask rules):
   mapping): 3D Dice, sensitivity, precision and HD95 in mm with the file's voxel spacing.
 """
 
-import os
 import pathlib
 
 import numpy as np
 from tqdm import tqdm
 
 from ecm_jax import data
-from ecm_jax import metrics
-from ecm_jax import plots
-from ecm_jax import report
+from ecm_jax import files
+from ecm_jax.evaluate import metrics
+from ecm_jax.evaluate import plots
+from ecm_jax.evaluate import report
 from ecm_jax.data import preprocess
 from ecm_jax.data import readers
-from ecm_jax.inference import Predictor
+from ecm_jax.evaluate.inference import Predictor
 
 NUM_PICTURE_SLICES = 4  # best and worst test slices shown in the overlay pictures
 
 
 def _write_prediction_atomic(mask_slices, meta, out_path: pathlib.Path) -> None:
-  tmp = out_path.with_name('.tmp-' + out_path.name)
-  data.write_prediction(mask_slices, meta, tmp)
-  os.replace(tmp, out_path)
+  with files.atomic_path(out_path) as temporary:
+    data.write_prediction(mask_slices, meta, temporary)
 
 
 def _original_label(meta, config) -> np.ndarray:

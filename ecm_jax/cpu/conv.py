@@ -1,30 +1,21 @@
-"""Array-level kernels the layers are built from: convolution, patch upsampling, 2x2 max-pool.
+"""The 'gemm' convolution: a `jax.custom_vjp` `conv2d` for XLA:CPU (CPU only).
 
-Each takes NHWC inputs and HWIO kernels. Every implementation computes the same function
-(gradient-equivalence tests in tests/test_ops.py); they differ only in speed, memory and compile
-time (per-op numbers: benchmarks/ops.py).
+XLA:CPU runs a convolution's forward and input gradient near matmul speed but its weight gradient
+several times slower, and convolutions on small maps (16x16 and less) slowly in every pass. Here:
+  - the weight gradient is matmuls over shifted rows of the flattened, padded maps
+    (`_dw_shifted`), on large maps in cache-sized chunks of rows; on small maps, one matmul per
+    tap over exactly the pixels that meet (`_dw_cropped`);
+  - forward and input gradient stay `lax.conv`, except on small maps and for large dilations
+    (ASPP), where they are sums of per-tap matmuls over the overlapping regions (`_tap_sum`),
+    spending nothing on zero padding;
+  - taps that only ever reach zero padding (dilation 12/18 on an 8x8 map) are dropped; a single
+    remaining tap, or a 1x1 kernel, is one matmul.
+Costs: more temporary memory (a transposed, padded copy of x or g: 50 MB instead of 32 MB for the
+forward and gradients of a 4x128x128x64 -> 64 conv), and more XLA kernels to compile (about +0.3
+to +0.9 s of compile CPU time per conv layer). Same function as `lax.conv` in value and gradient
+(tests/test_ops.py); measurements in docs/performance.md.
 
-Convolution implementations (`impl` of `conv2d`):
-  'xla'   plain `lax.conv_general_dilated`, differentiated by JAX. The right choice on GPU/TPU,
-          where the library convolutions are fast in all three passes.
-  'gemm'  a `jax.custom_vjp` convolution for XLA:CPU, whose forward and input-gradient convolutions
-          run near matmul speed but whose weight gradient runs several times slower, and whose
-          convolutions on small maps (16x16 and less) are slow in every pass. Here:
-          - the weight gradient is matmuls over shifted rows of the flattened, padded maps
-            (`_dw_shifted`), on large maps in cache-sized chunks of rows; on small maps, one
-            matmul per tap over exactly the pixels that meet (`_dw_cropped`);
-          - forward and input gradient stay `lax.conv`, except on small maps and for large
-            dilations (ASPP), where they are sums of per-tap matmuls over the overlapping regions
-            (`_tap_sum`), spending nothing on zero padding;
-          - taps that only ever reach zero padding (dilation 12/18 on an 8x8 map) are dropped; a
-            single remaining tap, or a 1x1 kernel, is one matmul.
-          Costs: more temporary memory (a transposed, padded copy of x or g: 50 MB instead of 32 MB
-          for the forward and gradients of a 4x128x128x64 -> 64 conv), and more XLA kernels to
-          compile (about +0.3 to +0.9 s of compile CPU time per conv layer).
-  'auto'  'gemm' when the computation is lowered for CPU, 'xla' for any other platform. The choice
-          is made per lowering by `lax.platform_dependent` (not by `jax.default_backend()`), so a
-          function jitted for a GPU device from a CPU-default process still gets 'xla'.
-          `resolve_impl` says which one a platform gets.
+`ecm_jax.models.ops.conv2d` imports this module only when a model is built for the CPU.
 """
 
 import functools
@@ -34,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('auto', 'xla', 'gemm')
+from ecm_jax.models.ops import conv_xla
 
 # Padded-to-real area ratio of a feature map from which the 'gemm' path computes the forward and
 # input gradient as per-tap matmuls over the overlapping regions instead of `lax.conv`, and the
@@ -63,48 +54,20 @@ _DW_MIN_WIDTH = 192
 _DW_CHUNK_MIN_ROWS = 2 ** 14
 _DW_CHUNK_BYTES = 2 ** 21
 
-_DIMS = ('NHWC', 'HWIO', 'NHWC')
 _TN = (((0,), (0,)), ((), ()))  # dot_general: contract the leading (pixel) axis of both operands
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
-  """The implementation ('xla' or 'gemm') that `impl` runs on `platform`.
-
-  `platform` is a JAX platform name ('cpu', 'cuda', 'rocm', 'tpu'); default `jax.default_backend()`.
-  Raises ValueError naming the choices for an unknown `impl`.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}')
-  if impl != 'auto':
-    return impl
-  return 'gemm' if (platform or jax.default_backend()) == 'cpu' else 'xla'
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, *, dilation: int = 1, impl: str = 'auto') -> jax.Array:
-  """Stride-1 'SAME' convolution of `x` (B,H,W,Cin) with `kernel` (kh,kw,Cin,Cout), odd kh, kw.
-
-  out[b, h, w] = sum_{i,j} x[b, h + d*(i - (kh-1)/2), w + d*(j - (kw-1)/2)] @ kernel[i, j] with
-  d = `dilation` and zeros outside the map (cross-correlation, like `lax.conv` and PyTorch).
-  """
-  resolve_impl(impl)
-  kh, kw = kernel.shape[:2]
-  if kh % 2 == 0 or kw % 2 == 0:
-    raise ValueError(f'conv2d needs odd kernel sizes, got {kh}x{kw}')
-  if x.dtype != kernel.dtype:
-    raise TypeError(f'conv2d needs x and kernel of one dtype, got {x.dtype} and {kernel.dtype}')
-  xla_fn = functools.partial(_conv_xla, dilation=dilation)
-  gemm_fn = functools.partial(_conv_gemm, dilation=dilation)
-  if impl == 'xla':
-    return xla_fn(x, kernel)
-  if impl == 'gemm':
-    return gemm_fn(x, kernel)
-  return lax.platform_dependent(x, kernel, cpu=gemm_fn, default=xla_fn)
-
-
-def _conv_xla(x, kernel, dilation):
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding='SAME', rhs_dilation=(dilation, dilation),
-      dimension_numbers=_DIMS)
+def conv_gemm(x, kernel, dilation):
+  """Stride-1 'SAME' convolution (as `ecm_jax.models.ops.conv2d`) on the CPU's matmuls."""
+  taps = _taps(kernel.shape, x.shape[1:3], dilation)
+  if len(taps) == 1:
+    # A 1x1 kernel, or only the centre tap reaches the map: one matmul, on 2-D operands so that
+    # its weight gradient is a plain (pixels, Cin)^T @ (pixels, Cout) matmul without transposes.
+    i, j = taps[0][:2]
+    b, h, w, c = x.shape
+    y = jnp.matmul(x.reshape(-1, c), kernel[i, j], preferred_element_type=_acc_type(x.dtype))
+    return y.reshape(b, h, w, -1).astype(x.dtype)
+  return _gemm_conv(x, kernel, dilation)
 
 
 def _taps(kernel_shape, map_shape, dilation):
@@ -138,24 +101,12 @@ def _acc_type(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _conv_gemm(x, kernel, dilation):
-  taps = _taps(kernel.shape, x.shape[1:3], dilation)
-  if len(taps) == 1:
-    # A 1x1 kernel, or only the centre tap reaches the map: one matmul, on 2-D operands so that
-    # its weight gradient is a plain (pixels, Cin)^T @ (pixels, Cout) matmul without transposes.
-    i, j = taps[0][:2]
-    b, h, w, c = x.shape
-    y = jnp.matmul(x.reshape(-1, c), kernel[i, j], preferred_element_type=_acc_type(x.dtype))
-    return y.reshape(b, h, w, -1).astype(x.dtype)
-  return _gemm_conv(x, kernel, dilation)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _gemm_conv(x, kernel, dilation):
   """`conv2d` with the weight gradient as matmuls; forward/input gradient by map size (module doc)."""
   taps = _taps(kernel.shape, x.shape[1:3], dilation)
   if _pad_ratio(taps, *x.shape[1:3]) < _CROP_RATIO:
-    return _conv_xla(x, kernel, dilation)
+    return conv_xla(x, kernel, dilation)
   return _tap_sum(x, [(kernel[i, j], oy, ox) for i, j, oy, ox in taps])
 
 
@@ -171,7 +122,7 @@ def _gemm_conv_bwd(dilation, res, g):
   if ratio < _CROP_RATIO:
     # The transpose of a stride-1 SAME conv: the same conv of g with the kernel flipped and
     # its in/out channels swapped.
-    dx = _conv_xla(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), dilation)
+    dx = conv_xla(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), dilation)
   else:
     dx = _tap_sum(g, [(kernel[i, j].T, -oy, -ox) for i, j, oy, ox in taps])
   dw_fn = _dw_shifted if ratio < _CROP_RATIO else _dw_cropped
@@ -329,58 +280,3 @@ def _dw_chunked(shifted, top, starts, fixed, acc):
 
   total = jnp.zeros((len(starts) * width, fixed_width), acc)
   return lax.scan(one_chunk, total, jnp.arange(chunks) * chunk)[0]
-
-
-def upsample_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Transposed convolution with kernel size == stride (no overlap), as one matmul + depth-to-space.
-
-  `kernel` is (s, s2, Cin, Cout): out[b, s*h + i, s2*w + j] = x[b, h, w] @ kernel[i, j].
-  PyTorch `ConvTranspose2d(Cin, Cout, kernel_size=s, stride=s)` with weight W (Cin, Cout, s, s)
-  is this with kernel = W.permute(2, 3, 0, 1); `lax.conv_transpose(x, kernel[::-1, ::-1], (s, s2),
-  'VALID')` (NHWC/HWIO) is too, with the taps flipped. XLA:CPU runs that transposed convolution
-  and its gradients far slower (seconds) than this (B*H*W, Cin) @ (Cin, s*s2*Cout) matmul, whose
-  gradients are two matmuls after one transpose of the output gradient; it also beats the
-  equivalent single einsum, whose gradients transpose more (benchmarks/ops.py).
-  """
-  b, h, w, cin = x.shape
-  s, s2, _, cout = kernel.shape
-  y = x.reshape(b * h * w, cin) @ kernel.transpose(2, 0, 1, 3).reshape(cin, s * s2 * cout)
-  return y.reshape(b, h, w, s, s2, cout).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * s, w * s2, cout)
-
-
-@jax.custom_vjp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 max-pool (B,H,W,C) -> (B,H//2,W//2,C); an odd last row/column is dropped.
-
-  Equals `flax.linen.max_pool(x, (2, 2), (2, 2))` (padding 'VALID') and PyTorch's
-  `max_pool2d(x, 2)` in value and gradient, including ties: each window's output gradient goes
-  entirely to its first maximal element in row-major window order, (0,0), (0,1), (1,0), (1,1)
-  (a NaN counts as maximal, as the output is then NaN). A reshape-max is much faster than
-  `reduce_window` on XLA:CPU; its own autodiff gradient would split ties evenly, so the gradient
-  is written out here (also 2-3x faster than that autodiff).
-  """
-  return _windows(x).max(axis=(2, 4))
-
-
-def _windows(x):
-  b, h, w, c = x.shape
-  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
-
-
-def _max_pool_fwd(x):
-  return max_pool_2x2(x), x
-
-
-def _max_pool_bwd(x, g):
-  win = _windows(x)
-  hit = (win == win.max(axis=(2, 4), keepdims=True)) | jnp.isnan(win)
-  h00, h01, h10, h11 = hit[:, :, 0, :, 0], hit[:, :, 0, :, 1], hit[:, :, 1, :, 0], hit[:, :, 1, :, 1]
-  first = (h00, h01 & ~h00, h10 & ~(h00 | h01), h11 & ~(h00 | h01 | h10))
-  g00, g01, g10, g11 = (jnp.where(m, g, jnp.zeros((), g.dtype)) for m in first)
-  dx = jnp.stack([jnp.stack([g00, g01], axis=3), jnp.stack([g10, g11], axis=3)], axis=2)
-  b, h, w, c = x.shape
-  dx = dx.reshape(b, h // 2 * 2, w // 2 * 2, c)
-  return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ecm_jax.layers import at_least_float32
+from ecm_jax.models.layers import at_least_float32
 
 MAIN_LOSSES = ('dice', 'bce', 'dice+bce')
 

@@ -1,6 +1,6 @@
 """JAX-vs-PyTorch numerics report: the Flax model and its torch mirror on one set of weights.
 
-  python -m ecm_jax.parity --config configs/kits.py --config.data.image_size=64 \
+  python -m ecm_jax.torch_ref.parity --config configs/kits.py --config.data.image_size=64 \
       --config.train.batch_size=2 [--config.model.x=...] [--steps 10] [--float64] \
       [--workdir runs/kits [--checkpoint best]]
 
@@ -27,9 +27,9 @@ far above it is an implementation difference. --float64 runs both sides in float
 (jax_enable_x64 and `model.dtype='float64'`: params, activations, statistics, loss and optimizer
 state all float64): differences are then implementation differences, plus float64 rounding.
 
-The JAX side is the product code: `training.create_train_state` for the initial weights,
-`training.loss_and_gradients` jitted with the shardings `training.jit_train_step` uses, on the
-data-parallel mesh over every device, and `training.make_optimizer` for the steps.
+The JAX side is the product code: `train_state.create_train_state` for the initial weights,
+`step.loss_and_gradients` jitted with the shardings `sharding.jit_train_step` uses, on the
+data-parallel mesh over every device, and `train_state.make_optimizer` for the steps.
 """
 
 import dataclasses
@@ -38,17 +38,18 @@ from collections.abc import Mapping, Sequence
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ecm_jax import checkpoint
-from ecm_jax import training
+from ecm_jax.train import checkpoint
+from ecm_jax.train import sharding
+from ecm_jax.train import step
+from ecm_jax.train import train_state
 from ecm_jax.data.synthetic import noise_batches
-from ecm_jax.models import build_model
+from ecm_jax.models import networks
+from ecm_jax.models.networks import build_model
 from ecm_jax.torch_ref import convert
 from ecm_jax.torch_ref import losses as torch_losses
 from ecm_jax.torch_ref import models as torch_models
@@ -192,29 +193,13 @@ def _max_difference(diffs: Sequence[Difference]) -> Difference:
 # --- inputs and weights --------------------------------------------------------------------------
 
 def init_variables(config: ml_collections.ConfigDict) -> dict:
-  """{'params', 'batch_stats'} as a training run from `config.seed` starts (`create_train_state`).
-
-  Initial values do not depend on `conv_impl`; the init is compiled with 'xla', the fastest to
-  compile.
-  """
-  model_config = ml_collections.ConfigDict(config.model.to_dict())
-  model_config.conv_impl = 'xla'
-  state = training.create_train_state(build_model(model_config), training.make_optimizer(config, 1),
-                                      config.seed, _image_shape(config))
-  return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  """{'params', 'batch_stats'} as a training run from `config.seed` starts (`init_variables`)."""
+  return jax.device_get(networks.init_variables(build_model(config.model), config.seed))
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir, which: str = 'best') -> dict:
   """{'params', 'batch_stats'} of a training run's checkpoint (`which`: best | latest | a step)."""
-  model, tx = build_model(config.model), training.make_optimizer(config, 1)
-  abstract = jax.eval_shape(
-      lambda: training.create_train_state(model, tx, config.seed, _image_shape(config)))
-  manager = checkpoint.checkpoint_manager(workdir, keep_latest=1, read_only=True)
-  try:
-    state = checkpoint.restore(manager, checkpoint.resolve_step(manager, which), abstract)
-  finally:
-    manager.close()
-  return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  return jax.device_get(checkpoint.restore_variables(workdir, config, which)[1])
 
 
 def _image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -297,26 +282,6 @@ def run_torch(config: ml_collections.ConfigDict, variables: Mapping, batches: Se
   return results
 
 
-class _Capturing:
-  """Stands in for the model in `training.loss_and_gradients`: the model's own `apply`, which also
-  captures the outputs of the modules `capture` selects. Those and the model outputs come back
-  with the updated BatchNorm statistics, as {'batch_stats', 'intermediates', 'outputs'} in place of
-  the statistics alone (an entry loss_and_gradients passes through untouched): the train-mode
-  block outputs come from the very forward pass that is differentiated, with no second train-mode
-  network to compile."""
-
-  def __init__(self, model: flax.linen.Module, capture):
-    self.model, self.capture = model, capture
-
-  def apply(self, variables, x, *, train: bool, mutable: Sequence[str]):
-    outputs, state = self.model.apply(variables, x, train=train,
-                                      mutable=[*mutable, 'intermediates'],
-                                      capture_intermediates=self.capture)
-    return outputs, {'batch_stats': {'batch_stats': state.get('batch_stats', {}),
-                                     'intermediates': state['intermediates'],
-                                     'outputs': outputs}}
-
-
 def _captured_blocks(intermediates) -> dict[str, np.ndarray]:
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
   return {'/'.join(path[:-1]): value[0] for path, value in flat.items() if path[-1] == '__call__'}
@@ -327,64 +292,53 @@ def run_jax(config: ml_collections.ConfigDict, variables: Mapping, batches: Sequ
             compiler_options: Mapping | None = None) -> SideResults:
   """The Flax model from `variables` on `batches`, capturing the outputs of modules `names`.
 
-  Two jitted programs, placed as `training.jit_train_step` places its arguments (state replicated,
-  batch sharded over the mesh of every device): `evaluate`, the eval-mode forward pass and
-  `training.loss_and_gradients` (whose train-mode forward pass is captured too, see `_Capturing`),
-  and, with steps, `update`, the update of `training.make_optimizer` as `training.train_step`
-  applies it. A step is `evaluate` then `update`; the forwards, loss and gradients compared are
-  those of the first `evaluate`, at the initial state. Compile time is nearly the whole cost at
-  test shapes, hence few programs, each network graph compiled once.
+  Everything is the product's code, placed as training places it (state replicated, batch sharded
+  over the mesh of every device): `inspect` runs the forward pass in eval and in train mode with
+  the block outputs captured, and `step.loss_and_gradients` (what the train step differentiates);
+  the K steps are `sharding.jit_train_step` itself, with the run's optimizer and schedule, on K
+  batches. The forwards, loss and gradients compared are those at the initial state.
   `compiler_options`: XLA options for every compilation (None: as training compiles).
   """
   model = build_model(config.model)
-  mesh = training.make_mesh()
-  training.check_batch_divisible(config.train.batch_size, mesh)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_divisible(config.train.batch_size, mesh)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  tx = training.make_optimizer(config, max(steps, 1))
+  total_steps = max(steps, 1)
+  tx = train_state.make_optimizer(config, total_steps)
   wanted = set(names)
   capture = lambda module, method: method == '__call__' and '/'.join(module.path) in wanted
 
   @functools.partial(jax.jit, in_shardings=(replicated, sharded), out_shardings=replicated)
-  def evaluate(state: training.TrainState, batch: dict):
+  def inspect(state: train_state.TrainState, batch: dict):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    outputs, intermediates = model.apply(variables, batch['image'], train=False,
-                                         mutable=['intermediates'], capture_intermediates=capture)
-    loss, terms, grads, train = training.loss_and_gradients(
-        state, batch, model=_Capturing(model, capture), loss_config=config.loss)
-    return (outputs, intermediates['intermediates']), loss, terms, grads, train
+    forward = {}
+    for train in (False, True):
+      outputs, captured = model.apply(variables, batch['image'], train=train,
+                                      mutable=['intermediates', 'batch_stats'],
+                                      capture_intermediates=capture)
+      forward[train] = (outputs, captured['intermediates'])
+    loss, terms, grads, _ = step.loss_and_gradients(state, batch, model=model,
+                                                    loss_config=config.loss)
+    return forward, loss, terms, grads
 
-  @functools.partial(jax.jit, in_shardings=replicated, out_shardings=replicated)
-  def update(state: training.TrainState, grads, batch_stats) -> training.TrainState:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return training.TrainState(step=state.step + 1,
-                               params=optax.apply_updates(state.params, updates),
-                               batch_stats=batch_stats, opt_state=opt_state)
+  def compiled(fn, *args):
+    return fn.lower(*args).compile(compiler_options=compiler_options)
 
-  compiled = {}
-
-  def call(fn, *args):
-    if fn not in compiled:
-      compiled[fn] = fn.lower(*args).compile(compiler_options=compiler_options)
-    return compiled[fn](*args)
-
-  state = training.replicate(training.TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables['params'],
-      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(variables['params'])), mesh)
-  results = None
-  for batch in batches[:max(steps, 1)]:
-    evaluated = call(evaluate, state, training.shard_batch(batch, mesh))
-    if results is None:
-      (eval_outputs, eval_captured), loss, terms, grads, train = jax.device_get(evaluated)
-      results = SideResults(
-          blocks={False: _captured_blocks(eval_captured),
-                  True: _captured_blocks(train['intermediates'])},
-          outputs={False: eval_outputs, True: train['outputs']},
-          loss={'loss': float(loss), **{k: float(v) for k, v in terms.items()}},
-          gradients=grads, after=None)
-    if steps:
-      *_, grads, train = evaluated
-      state = call(update, state, grads, train['batch_stats'])
+  state = sharding.replicate(train_state.state_from_variables(dict(variables), tx), mesh)
+  first = sharding.shard_batch(batches[0], mesh)
+  forward, loss, terms, grads = jax.device_get(compiled(inspect, state, first)(state, first))
+  results = SideResults(
+      blocks={train: _captured_blocks(forward[train][1]) for train in (False, True)},
+      outputs={train: forward[train][0] for train in (False, True)},
+      loss={'loss': float(loss), **{k: float(v) for k, v in terms.items()}},
+      gradients=grads, after=None)
   if steps:
+    train_step = sharding.jit_train_step(
+        mesh, model=model, tx=tx, loss_config=config.loss,
+        schedule=train_state.learning_rate_schedule(config, total_steps))
+    train_step = compiled(train_step, state, first)
+    for batch in batches[:steps]:
+      state, _ = train_step(state, sharding.shard_batch(batch, mesh))
     results.after = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   return results
 
@@ -400,7 +354,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int, variables: Mapping | N
   float64: both sides in float64 (`model.dtype='float64'`; needs `jax_enable_x64` set beforehand);
     otherwise float32 with a PyTorch float64 reference.
   compiler_options: XLA options for the JAX compilations (None: as training compiles; the tests
-    pass `models.FAST_COMPILE_OPTIONS`).
+    pass `networks.FAST_COMPILE_OPTIONS`).
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if float64:
@@ -469,8 +423,11 @@ def _describe(config: ml_collections.ConfigDict, steps: int, float64: bool) -> s
 
 
 if __name__ == '__main__':
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
+
+  from ecm_jax import cli
+  from ecm_jax.errors import UserError
 
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/kits.py')
   _STEPS = flags.DEFINE_integer('steps', 10, 'optimizer steps K compared on identical batches')
@@ -489,4 +446,4 @@ if __name__ == '__main__':
       variables = restore_variables(config, _WORKDIR.value, _CHECKPOINT.value)
     print(run(config, steps=_STEPS.value, variables=variables, float64=_FLOAT64.value).markdown())
 
-  app.run(main)
+  cli.run(main, UserError)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ecm_jax.layers import ConvBNReLU, LayerSettings, at_least_float32
+from ecm_jax.models.layers import ConvBNReLU, LayerSettings, at_least_float32
 
 
 class ImagePooling(nn.Module):

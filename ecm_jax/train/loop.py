@@ -15,25 +15,17 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from ecm_jax import checkpoint
+from ecm_jax.train import checkpoint
 from ecm_jax import data
-from ecm_jax import host_memory
-from ecm_jax import losses
-from ecm_jax import metrics as metrics_lib
-from ecm_jax import plots
-from ecm_jax import training
-from ecm_jax.models import build_model
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work (named in the message)."""
-
-
-class NonFiniteLossError(RuntimeError):
-  """Training diverged; the last good checkpoint is left in place."""
-
-
-USER_ERRORS = (ConfigError, NonFiniteLossError, data.DataError, checkpoint.WorkdirError)
+from ecm_jax import files
+from ecm_jax.errors import ConfigError, NonFiniteLossError
+from ecm_jax import runtime
+from ecm_jax.train import losses
+from ecm_jax.evaluate import metrics as metrics_lib
+from ecm_jax.evaluate import plots
+from ecm_jax.train import sharding
+from ecm_jax.train import train_state
+from ecm_jax.models.networks import build_model
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -69,7 +61,7 @@ class MetricsLog:
       return
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)['step'] <= step]
-    checkpoint.write_text_atomic(self.path, ''.join(line + '\n' for line in kept))
+    files.write_text(self.path, ''.join(line + '\n' for line in kept))
 
   def write(self, record: dict) -> None:
     if jax.process_index() == 0:
@@ -87,19 +79,19 @@ def _process_slice(batch: dict) -> dict:
 
 def evaluate(state, ds, split: str, eval_step, mesh, batch_size: int) -> dict:
   """Pooled Dice / sensitivity / precision (eqs. 14-16) over every slice of `split`."""
-  counts = [eval_step(state, training.shard_batch(_process_slice(batch), mesh))
+  counts = [eval_step(state, sharding.shard_batch(_process_slice(batch), mesh))
             for batch in data.eval_batches(ds, split, batch_size)]
   return metrics_lib.pooled_metrics(metrics_lib.pool_counts(jax.device_get(counts)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, stop=None,
-                       allow_config_change: bool = False) -> training.TrainState:
+                       allow_config_change: bool = False) -> train_state.TrainState:
   """Trains (or resumes) the run in `workdir` to `total_steps`; returns the final state."""
   workdir = pathlib.Path(workdir)
   validate_config(config)
-  mesh = training.make_mesh()
-  training.check_batch_divisible(config.train.batch_size, mesh)
-  training.check_batch_divisible(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+  mesh = sharding.make_mesh()
+  sharding.check_batch_divisible(config.train.batch_size, mesh)
+  sharding.check_batch_divisible(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
   try:
     model = build_model(config.model)
   except ValueError as e:
@@ -115,14 +107,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   total_steps = config.train.max_steps or config.train.num_epochs * steps_per_epoch
   eval_every = steps_per_epoch * config.train.eval_every_epochs
 
-  tx = training.make_optimizer(config, total_steps)
-  schedule = training.learning_rate_schedule(config, total_steps)
-  image_shape = (config.data.image_size, config.data.image_size, config.model.in_channels)
-  state = training.replicate(
-      training.create_train_state(model, tx, config.seed, image_shape), mesh)
-  train_step = training.jit_train_step(mesh, model=model, tx=tx, loss_config=config.loss,
+  tx = train_state.make_optimizer(config, total_steps)
+  schedule = train_state.learning_rate_schedule(config, total_steps)
+  state = sharding.replicate(train_state.create_train_state(model, tx, config.seed), mesh)
+  train_step = sharding.jit_train_step(mesh, model=model, tx=tx, loss_config=config.loss,
                                        schedule=schedule)
-  eval_step = training.jit_eval_step(mesh, model=model)
+  eval_step = sharding.jit_eval_step(mesh, model=model)
 
   iterator = data.train_iterator(
       ds, config.data, batch_size=global_batch // jax.process_count(), seed=config.seed,
@@ -176,10 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                   disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
   try:
     for step in range(start_step + 1, total_steps + 1):
-      batch = training.shard_batch(next(iterator), mesh)
+      batch = sharding.shard_batch(next(iterator), mesh)
       if step == start_step + 1:  # compiled ahead of time, for its memory analysis
         train_step = train_step.lower(state, batch).compile()
-        message = host_memory.fit_to_memory(training.host_temp_bytes(train_step))
+        message = runtime.fit_host_memory(sharding.host_temp_bytes(train_step))
         if message:
           progress.write(message, file=sys.stderr)
       state, step_metrics = train_step(state, batch)

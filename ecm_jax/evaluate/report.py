@@ -1,6 +1,6 @@
 """Evaluation outputs of a run, and one markdown table of several runs shaped like Table I/II.
 
-    python -m ecm_jax.report RUN_DIR [RUN_DIR ...] [--split test] [--out report.md]
+    python -m ecm_jax.evaluate.report RUN_DIR [RUN_DIR ...] [--split test] [--out report.md]
 
 reads each run's `config.json` (the resolved config, written by train.py) and
 `eval/<split>/metrics.json` (written by eval.py), and prints one table: a row per model variant
@@ -37,21 +37,20 @@ case: the columns of the case rows given (e.g. case, dice, sensitivity, precisio
 missing values left empty.
 """
 
-import argparse
 import csv
 import dataclasses
 import io
 import json
 import math
-import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ecm_jax import metrics
+from ecm_jax import files
+from ecm_jax.errors import UserError
+from ecm_jax.evaluate import metrics
 
 PAPER_DATASETS = ('TCIA', 'MSD', 'KiTS', 'Cardiac')  # Table I's column order
 # SPEC section 5 (Table I): DSC % reported by the paper, by variant.
@@ -65,20 +64,8 @@ CELL_METRICS = (('dice', 'DSC'), ('sensitivity', 'Sens.'), ('precision', 'Prec.'
 NOT_AVAILABLE = '–'
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
   """A run folder cannot be reported (no config, no eval metrics, malformed files, ...)."""
-
-
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 # --- The eval outputs ----------------------------------------------------------------------------
@@ -136,8 +123,8 @@ def write_eval_outputs(eval_dir, document: Mapping,
       raise ValueError(f'case rows must share their columns: {list(row)} vs {columns}')
     writer.writerow([_csv_cell(row[c]) for c in columns])
   metrics_path, csv_path = eval_dir / 'metrics.json', eval_dir / 'per_case.csv'
-  _write_text_atomic(metrics_path, json.dumps(document, indent=2, allow_nan=False) + '\n')
-  _write_text_atomic(csv_path, table.getvalue())
+  files.write_text(metrics_path, json.dumps(document, indent=2, allow_nan=False) + '\n')
+  files.write_text(csv_path, table.getvalue())
   return metrics_path, csv_path
 
 
@@ -268,24 +255,27 @@ def results_table(results: Sequence[RunResult], split: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog='python -m ecm_jax.report',
-      description="Collects evaluated runs into one markdown table shaped like the paper's "
-                  'Table I/II.')
-  parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
-                      help='evaluated training run folders')
-  parser.add_argument('--split', default='test', choices=('val', 'test'), help='evaluated split')
-  parser.add_argument('--out', type=pathlib.Path, help='also write the table to this markdown file')
-  args = parser.parse_args(argv)
-  try:
-    table = results_table([load_run(d, args.split) for d in args.run_dirs], args.split)
-  except ReportError as e:
-    raise SystemExit(f'error: {e}') from e
+def write_results_table(run_dirs: Sequence, split: str = 'test', out=None) -> str:
+  """The table of `results_table` for `run_dirs`, printed, and written to `out` if given."""
+  table = results_table([load_run(d, split) for d in run_dirs], split)
   sys.stdout.write(table)
-  if args.out is not None:
-    _write_text_atomic(args.out, table)
+  if out is not None:
+    files.write_text(out, table)
+  return table
 
 
 if __name__ == '__main__':
-  main()
+  from absl import flags
+
+  from ecm_jax import cli
+
+  _SPLIT = flags.DEFINE_enum('split', 'test', ['val', 'test'], 'Evaluated split.')
+  _OUT = flags.DEFINE_string('out', None, 'Also write the table to this markdown file.')
+
+  def main(argv):
+    if len(argv) < 2:
+      raise flags.Error('give one or more evaluated run folders: python -m '
+                        'ecm_jax.evaluate.report RUN_DIR [RUN_DIR ...] [--split test] [--out F]')
+    write_results_table(argv[1:], _SPLIT.value, _OUT.value)
+
+  cli.run(main, UserError, positional=True)

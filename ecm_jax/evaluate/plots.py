@@ -9,9 +9,7 @@ the title.
 
 import json
 import math
-import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ecm_jax import metrics
+from ecm_jax import files
+from ecm_jax.evaluate import metrics
 
 DPI = 100
 LABEL_COLOR = '#00ff00'  # ground-truth contour
@@ -38,17 +37,10 @@ def _set_titles(fig: Figure, title: str, subtitle: str | None) -> None:
 
 
 def _save(fig: Figure, out_png) -> pathlib.Path:
-  """Writes `fig` to `out_png` through a temporary file in the same folder and `os.replace`."""
+  """Writes `fig` to `out_png` atomically (`ecm_jax.files.atomic_path`)."""
   out = pathlib.Path(out_png)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix='.tmp', dir=out.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      fig.savefig(f, format='png', dpi=DPI)
-    os.replace(tmp, out)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with files.atomic_path(out) as temporary:
+    fig.savefig(temporary, format='png', dpi=DPI)
   return out
 
 

@@ -40,7 +40,7 @@ huge pages alone took 1.07-1.10 s for the U-Net at 128x128 and 8.2 s for EC-CaM-
 against 0.85-0.93 s and 4.5-4.6 s with huge_pages+retain; retained memory is not given back, so it
 is not exposed. Hence 'auto' takes both. The demo (README's first command, empty caches / warm): 89
 / 70 s out of the box, 87 / 63 s with huge pages alone, 107 / 63 s with both (retaining slows its
-compilations). The README's Performance section has the benchmark tables.
+compilations). docs/performance.md has the benchmark tables.
 
 Call `configure` first thing in a script, before JAX starts its threads: the arena setting holds
 only for threads that have not allocated yet, and a restart is cheapest before anything is loaded.
@@ -49,19 +49,12 @@ only for threads that have not allocated yet, and a restart is cheapest before a
 import contextlib
 import ctypes
 import ctypes.util
-import importlib.metadata
-import importlib.util
 import os
 import sys
 
-MODES = ('auto', 'huge_pages+retain', 'huge_pages', 'retain', 'default')
-# The --host_memory help of train.py, eval.py and the benchmarks (no percent signs: argparse
-# formats help strings with %).
-FLAG_HELP = ('huge_pages: back large host blocks with transparent huge pages (restarts the command '
-             'with glibc.malloc.hugetlb=1); retain: keep freed host memory for reuse (more '
-             'memory, slower compiles); both spare every step most of its page faults on CPU; '
-             'auto: huge_pages+retain on the CPU (retain alone where huge pages are not to be '
-             'had), default on GPU/TPU; default: the C library\'s behaviour (ecm_jax.host_memory).')
+from ecm_jax import runtime
+
+MODES = runtime.HOST_MEMORY_MODES
 
 # How many steps' temporaries a retaining process may hold at once (module doc: 3 seen).
 RETAINED_STEPS = 3
@@ -148,7 +141,7 @@ def fit_to_memory(step_temp_bytes: int) -> str | None:
   return (f'host memory: no longer retaining freed memory: a step\'s temporaries take '
           f'{step_temp_bytes / gib:.1f} GiB and a retaining process can hold {RETAINED_STEPS}x '
           f'that, more than the {available / gib:.1f} GiB available; steps run slower '
-          f'(ecm_jax/host_memory.py)')
+          f'(ecm_jax/cpu/host_memory.py)')
 
 
 _HUGETLB = 'glibc.malloc.hugetlb'  # the glibc tunable (GLIBC_TUNABLES=name=value:name=value)
@@ -218,13 +211,6 @@ def for_child_processes(mode: str):
     _set_tunables(saved)
 
 
-def accelerator_plugin_installed() -> bool:
-  """Whether JAX can find a GPU or TPU backend here (a PJRT plugin or libtpu), without starting
-  JAX (which would create the threads `retain_freed_memory` must precede)."""
-  return bool(importlib.metadata.entry_points(group='jax_plugins')
-              or importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu'))
-
-
 def resolve(mode: str) -> str:
   """What host-memory `mode` does here: the mode itself, or for 'auto': on the CPU (JAX_PLATFORMS is
   'cpu', or unset with no GPU/TPU plugin installed) 'huge_pages+retain' where
@@ -233,8 +219,7 @@ def resolve(mode: str) -> str:
     raise ValueError(f'host memory mode must be one of {MODES}, got {mode!r}')
   if mode != 'auto':
     return mode
-  platforms = os.environ.get('JAX_PLATFORMS', '')
-  if platforms != 'cpu' and (platforms or accelerator_plugin_installed()):
+  if not runtime.runs_on_cpu():
     return 'default'
   return 'huge_pages+retain' if huge_pages_available() else 'retain'
 

@@ -10,9 +10,7 @@ mid-save leaves the previous checkpoints intact and no half checkpoint is ever r
 """
 
 import json
-import os
 import pathlib
-from typing import Any
 
 import grain
 import jax
@@ -20,62 +18,27 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-# Config keys that may change between a run and its restart: they do not change what is computed.
-RESTART_TOLERANT_KEYS = ('data.num_workers', 'data.prefetch', 'train.log_every_steps')
-
-
-class WorkdirError(ValueError):
-  """The workdir cannot be used for this run (different config, missing checkpoint, ...)."""
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-  """Human-readable `key: old -> new` lines for the keys that differ (ignoring tolerant ones)."""
-  a, b = _flatten(old), _flatten(new)
-  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
-          for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k) and k not in RESTART_TOLERANT_KEYS]
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-  """Writes via a temporary file and a rename: readers see the old or the new file, never half."""
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
-
+from ecm_jax import config as config_lib
+from ecm_jax import files
+from ecm_jax.errors import WorkdirError
+from ecm_jax.models.networks import build_model
+from ecm_jax.train import train_state
 
 def guard_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                          allow_config_change: bool) -> None:
   """Refuses to reuse a workdir that holds a run of another config; then records this config."""
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / 'config.json'
-  new = config_to_dict(config)
+  new = config_lib.to_dict(config)
   if path.exists() and not allow_config_change:
-    diff = config_differences(json.loads(path.read_text()), new)
+    diff = config_lib.differences(json.loads(path.read_text()), new)
     if diff:
       raise WorkdirError(
           f'{workdir} holds a run with a different config ({path}):\n  ' + '\n  '.join(diff) +
           '\nUse another --workdir, or pass --allow_config_change to continue this run with the '
           'new config.')
   if jax.process_index() == 0:
-    write_json_atomic(path, new)
+    files.write_json(path, new)
 
 
 def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
@@ -130,3 +93,27 @@ def resolve_step(manager, which: str) -> int:
     raise WorkdirError(f'no checkpoint {which!r} in {manager.directory}; '
                        f'have best, latest, {", ".join(map(str, steps))}')
   return int(which)
+
+
+def restore_variables(workdir: pathlib.Path, config: ml_collections.ConfigDict, which: str = 'best',
+                      sharding: jax.sharding.Sharding | None = None) -> tuple[int, dict]:
+  """(step, {'params', 'batch_stats'}) of the run's checkpoint `which` (best | latest | a step),
+  restored for `config`'s model onto `sharding` (default: as saved). For evaluation, inference and
+  the parity report; training restores its whole state with `restore`."""
+  model = build_model(config.model)
+  abstract = train_state.abstract_train_state(model, train_state.make_optimizer(config, 1))
+  if sharding is not None:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                            abstract)
+  manager = checkpoint_manager(workdir, 1, read_only=True)
+  try:
+    step = resolve_step(manager, which)
+    try:
+      state = restore(manager, step, abstract)
+    except (ValueError, KeyError, TypeError) as e:
+      raise WorkdirError(
+          f'checkpoint {step} in {manager.directory} does not fit the model of '
+          f'{pathlib.Path(workdir) / "config.json"} ({type(e).__name__}: {e})') from e
+  finally:
+    manager.close()
+  return step, {'params': state.params, 'batch_stats': state.batch_stats}

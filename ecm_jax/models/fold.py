@@ -13,7 +13,7 @@ import flax
 import jax.numpy as jnp
 import ml_collections
 
-from ecm_jax.layers import EC_BRANCHES
+from ecm_jax.models.layers import EC_BRANCHES
 
 
 def fold_ec_block(params: Mapping, batch_stats: Mapping, epsilon: float) -> dict:

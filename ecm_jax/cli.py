@@ -1,0 +1,44 @@
+"""The one command-line convention of every entry point (train.py, eval.py, `python -m
+ecm_jax.models.summary`, `ecm_jax.evaluate.report`, `ecm_jax.torch_ref.parity`, `benchmarks.*`).
+
+absl flags, `--config path/to/config.py[:variant]` (ml_collections) with `--config.key=value`
+overrides where a command takes a config, and these shared flags:
+  --verbose      libraries' INFO logs and full tracebacks on errors;
+  --host_memory  CPU host-memory mode (ignored on GPU/TPU; `ecm_jax.runtime`).
+`run(main, errors)` starts the process (`ecm_jax.runtime.start`) and turns the user errors in
+`errors` into one `error: ...` line on stderr and exit status 2 (the traceback with --verbose).
+"""
+
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app
+from absl import flags
+
+from ecm_jax import runtime
+
+VERBOSE = flags.DEFINE_bool('verbose', False, 'Show library INFO logs and full tracebacks.')
+HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto', runtime.HOST_MEMORY_MODES,
+                                runtime.HOST_MEMORY_HELP)
+
+
+def run(main: Callable[[Sequence[str]], None], errors: tuple[type[BaseException], ...] = (), *,
+        distributed: bool = False, positional: bool = False) -> None:
+  """`absl.app.run` of `main(argv)` after `runtime.start`; see the module doc.
+
+  positional: whether the command takes positional arguments (else any is a usage error).
+  """
+
+  def wrapped(argv):
+    if not positional and len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    runtime.start(host_memory=HOST_MEMORY.value, verbose=VERBOSE.value, distributed=distributed)
+    try:
+      main(argv)
+    except errors as e:
+      if VERBOSE.value:
+        raise
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped)

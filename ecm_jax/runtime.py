@@ -1,0 +1,114 @@
+"""Process start-up for every entry point: logging, host memory, the cluster, the compile cache.
+
+`start` runs first thing in `main` of train.py, eval.py, the report and the benchmarks. What is
+CPU-specific (`ecm_jax.cpu.host_memory`) is chosen here once, from the platform the process will
+run on, decided without starting JAX; a GPU/TPU process never imports or configures it.
+"""
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pathlib
+import sys
+import warnings
+
+HOST_MEMORY_MODES = ('auto', 'huge_pages+retain', 'huge_pages', 'retain', 'default')
+HOST_MEMORY_HELP = (
+    'CPU only: huge_pages backs large host blocks with transparent huge pages (restarts the '
+    'command with glibc.malloc.hugetlb=1); retain keeps freed host memory for reuse (more memory, '
+    'slower compiles); both spare every step most of its page faults; auto is huge_pages+retain on '
+    'the CPU (retain alone where huge pages are not to be had) and default on GPU/TPU; default is '
+    'the C library\'s behaviour (ecm_jax.cpu.host_memory).')
+
+_host_memory = None  # ecm_jax.cpu.host_memory once configured (CPU processes only)
+
+
+def accelerator_plugin_installed() -> bool:
+  """Whether JAX can find a GPU or TPU backend here (a PJRT plugin or libtpu), without starting
+  JAX (which would create the threads that host-memory set-up must precede)."""
+  return bool(importlib.metadata.entry_points(group='jax_plugins')
+              or importlib.util.find_spec('jax_plugins') or importlib.util.find_spec('libtpu'))
+
+
+def runs_on_cpu() -> bool:
+  """Whether this process's JAX will run on the CPU: JAX_PLATFORMS is 'cpu', or it is unset and no
+  GPU/TPU plugin is installed. Decided without starting JAX."""
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  return platforms == 'cpu' or not (platforms or accelerator_plugin_installed())
+
+
+def configure_logging(verbose: bool = False) -> None:
+  """The project's INFO lines on stderr; libraries' routine chatter (orbax and grain log every save
+  and worker start at INFO) at WARNING, and the one orbax warning that is noise silenced."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+  absl_logging.use_absl_handler()
+  project = logging.getLogger('ecm_jax')
+  project.setLevel(logging.DEBUG if verbose else logging.INFO)
+  if not project.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+    project.addHandler(handler)
+  project.propagate = False
+  # We checkpoint the best by val Dice through a preservation policy; orbax still asks for metrics
+  # on every save, with or without them.
+  warnings.filterwarnings('ignore', message='.*tracked_metric.*')
+  absl_logging.get_absl_logger().addFilter(
+      lambda record: 'tracked_metric' not in record.getMessage())
+
+
+def configure_host_memory(mode: str) -> str:
+  """On the CPU, `ecm_jax.cpu.host_memory.configure(mode)` (may restart the command); elsewhere
+  nothing. Returns the mode in effect. Call before JAX starts."""
+  global _host_memory
+  if mode not in HOST_MEMORY_MODES:
+    raise ValueError(f'host memory mode must be one of {HOST_MEMORY_MODES}, got {mode!r}')
+  if not runs_on_cpu():
+    return 'default'
+  from ecm_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top  (CPU only)
+  _host_memory = host_memory
+  return host_memory.configure(mode)
+
+
+def fit_host_memory(step_temp_bytes: int) -> str | None:
+  """After compiling the train step: on a CPU process that retains freed memory, stop retaining if
+  the step's temporaries would not fit (`ecm_jax.cpu.host_memory.fit_to_memory`); the message
+  saying so, or None."""
+  return None if _host_memory is None else _host_memory.fit_to_memory(step_temp_bytes)
+
+
+def enable_compilation_cache() -> None:
+  """Persists compiled steps across processes (a resumed or repeated run skips recompilation).
+
+  Uses $JAX_COMPILATION_CACHE_DIR when set (jax reads it itself), else ~/.cache/ecm_jax/xla.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    path = pathlib.Path(os.environ.get('XDG_CACHE_HOME', pathlib.Path.home() / '.cache'))
+    jax.config.update('jax_compilation_cache_dir', str(path / 'ecm_jax' / 'xla'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def maybe_initialize_distributed() -> None:
+  """Multi-host: join the cluster when the launcher's environment says there is one.
+
+  `jax.distributed.initialize()` finds the coordinator itself on Cloud TPU pods, SLURM and Open
+  MPI; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  multi = ('JAX_COORDINATOR_ADDRESS' in os.environ
+           or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+           or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
+           or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''))
+  if multi:
+    jax.distributed.initialize()
+
+
+def start(*, host_memory: str = 'auto', verbose: bool = False, distributed: bool = False) -> None:
+  """Everything a process sets up before its first JAX computation, in the order it needs."""
+  configure_logging(verbose)
+  configure_host_memory(host_memory)  # before JAX starts its threads; may restart the command
+  if distributed:
+    maybe_initialize_distributed()
+  enable_compilation_cache()
