@@ -12,8 +12,7 @@ The run's own config.json defines the model and data; --config, if given, must a
 
 import pathlib
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from ecm_jax import cli
@@ -38,8 +37,7 @@ def main(argv):
     raise app.UsageError('--predict needs --output (a folder for the masks)')
   # pylint: disable=g-import-not-at-top  (JAX after the process start-up)
   from ecm_jax import data
-  from ecm_jax.evaluate import evaluation
-  from ecm_jax.evaluate import report
+  from ecm_jax.evaluate import evaluation, report
   from ecm_jax.evaluate.inference import Predictor
   workdir = pathlib.Path(_WORKDIR.value)
   predictor = Predictor(workdir, _CHECKPOINT.value, config=_CONFIG.value, fold=_FOLD.value)

@@ -1,31 +1,32 @@
-"""Timing helpers and the train step shared by the benchmark scripts.
+"""Timing helpers, flags, configs and the train step shared by the benchmark scripts.
 
 This machine is shared and its speed drifts: time candidates interleaved in one process (one call
 of each per round), after a warm-up call, and compare medians of the rounds.
 """
 
-import argparse
+from collections.abc import Callable, Sequence
+import copy
 import csv
 import dataclasses
-import importlib.util
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ecm_jax.cpu import host_memory
-from ecm_jax.train import sharding
-from ecm_jax.train import train_state
+from configs.default import with_variant
+from ecm_jax.errors import ConfigError
+from ecm_jax.models import ops
 from ecm_jax.models.networks import build_model, variable_shapes
+from ecm_jax.train import sharding, train_state
 
 # The learning-rate schedule's length for benchmark steps (the schedule's value has no effect on
 # speed; training uses the run's total step count).
@@ -73,46 +74,88 @@ def measure_gemm_peak(n: int = 2048, repeats: int = 7, dtype=jnp.float32) -> flo
   return flops / seconds / 1e9
 
 
-# --- configs, batches and the product train step -------------------------------------------------
+# --- flags and configs ----------------------------------------------------------------------------
 
-def load_config(path: str, variant: str) -> ml_collections.ConfigDict:
-  """`get_config(variant)` of a config file (e.g. configs/kits.py), as `--config path:variant`."""
-  spec = importlib.util.spec_from_file_location('benchmark_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+class IntListParser(flags.ListParser):
+  """absl parser of a comma-separated list of integers ('64,128,256' -> (64, 128, 256))."""
 
+  def parse(self, argument):
+    values = super().parse(argument)
+    try:
+      return tuple(int(v) for v in values)
+    except ValueError:
+      raise ValueError(f'expected comma-separated integers, got {argument!r}') from None
 
-def parse_ints(text: str) -> tuple[int, ...]:
-  """'64,128,256' -> (64, 128, 256) (argparse type for lists of sizes)."""
-  return tuple(int(v) for v in text.split(','))
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, *, variant: str, variant_help: str,
-                         size: int) -> None:
-  """The arguments every benchmark builds its config from: --config, --variant, --size,
-  --features, --conv_impl (`config_from_args` reads them); and --host_memory
-  (`prepare_process`)."""
-  parser.add_argument('--config', default='configs/kits.py',
-                      help='config file (get_config(variant))')
-  parser.add_argument('--variant', default=variant, help=variant_help)
-  parser.add_argument('--size', type=int, default=size, help='image size (config: data.image_size)')
-  parser.add_argument('--features', type=parse_ints, default=None,
-                      help='encoder widths, e.g. 64,128,256,512,1024 (default: the config\'s)')
-  parser.add_argument('--conv_impl', default=None,
-                      help='auto | xla | gemm (default: the config\'s)')
-  parser.add_argument('--host_memory', choices=host_memory.MODES, default='auto',
-                      help='this process\'s host allocator: ' + host_memory.FLAG_HELP)
+  def flag_type(self):
+    return 'comma-separated list of integers'
 
 
-def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
+def define_int_list(name: str, default: str | None, help_string: str) -> flags.FlagHolder:
+  """An absl flag of comma-separated integers (its value a tuple). Call only from a script's
+  `__main__` block (see `define_config_flags`)."""
+  return flags.DEFINE(IntListParser(), name, default, help_string,
+                      serializer=flags.CsvListSerializer(','))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFlags:
+  """The flags a benchmark builds its configs from (`define_config_flags`); `get` reads them."""
+  config: flags.FlagHolder
+  size: flags.FlagHolder
+  features: flags.FlagHolder
+  conv_impl: flags.FlagHolder
+
+  def get(self, *, variant: str | None = None,
+          batch: int | None = None) -> ml_collections.ConfigDict:
+    """`benchmark_config` of --config with --size, --features and --conv_impl."""
+    return benchmark_config(self.config.value, variant=variant, size=self.size.value,
+                            features=self.features.value, conv_impl=self.conv_impl.value,
+                            batch=batch)
+
+
+def define_config_flags(*, config: str, size: int) -> ConfigFlags:
+  """The flags every config-taking benchmark builds its config from: --config (a config file,
+  `path[:variant]`, default `config`, with `--config.key=value` overrides), --size (default
+  `size`), --features and --conv_impl (default: the config's).
+
+  Call only when the module runs as a script (its `__main__` block): the tests import several
+  benchmark modules into one process, and absl flag names are global.
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  return ConfigFlags(
+      config=config_flags.DEFINE_config_file(
+          'config', config, 'config file[:variant] (e.g. configs/kits.py:unet; variants: '
+          'configs/default.VARIANTS); override its fields with --config.key=value'),
+      size=flags.DEFINE_integer('size', size, 'image size (config: data.image_size)'),
+      features=define_int_list('features', None, 'encoder widths, e.g. 64,128,256,512,1024 '
+                               "(config: model.features; default: the config's)"),
+      conv_impl=flags.DEFINE_enum('conv_impl', None, ops.IMPLS,
+                                  "config: model.conv_impl (default: the config's)"))
+
+
+def benchmark_config(config: ml_collections.ConfigDict, *, variant: str | None = None,
+                     size: int | None = None, features: Sequence[int] | None = None,
+                     conv_impl: str | None = None,
                      batch: int | None = None) -> ml_collections.ConfigDict:
-  """The config of `args.config:variant` (default `args.variant`) with the benchmark's overrides
-  (`add_config_arguments`; None keeps the file's value) and global train batch `batch`."""
-  config = load_config(args.config, variant or args.variant)
-  overrides = {'data.image_size': args.size, 'train.batch_size': batch,
-               'model.features': None if args.features is None else tuple(args.features),
-               'model.conv_impl': args.conv_impl}
+  """A copy of `config` as a benchmark runs it: the row `variant` of configs/default.VARIANTS
+  (None: the config's own), image size `size`, encoder widths `features`, `conv_impl` and global
+  train batch `batch` (None keeps the config's value).
+
+  A variant is applied by `configs.default.with_variant`, whatever variant the config file
+  selected; the config's other model fields stay.
+  """
+  config = copy.deepcopy(config)
+  if variant is not None:
+    try:
+      model_config = with_variant(config.model, variant)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    with config.unlocked():
+      config.model = model_config
+      config.variant = variant
+  overrides = {'data.image_size': size, 'train.batch_size': batch,
+               'model.features': None if features is None else tuple(features),
+               'model.conv_impl': conv_impl}
   for key, value in overrides.items():
     if value is not None:
       section, name = key.split('.')
@@ -120,14 +163,7 @@ def config_from_args(args: argparse.Namespace, *, variant: str | None = None,
   return config
 
 
-def prepare_process(args: argparse.Namespace) -> str:
-  """First thing in a benchmark process: the host allocator of --host_memory (for huge pages the
-  process restarts itself), and no persistent compilation cache (compile times are measured).
-  Returns the allocator in effect (`host_memory.configure`'s answer), for the report."""
-  allocator = host_memory.configure(args.host_memory)
-  jax.config.update('jax_enable_compilation_cache', False)
-  return allocator
-
+# --- the product train step ----------------------------------------------------------------------
 
 @dataclasses.dataclass
 class CompiledTrainStep:
@@ -230,16 +266,10 @@ def machine_summary() -> str:
           f'{jax.device_count()} device(s)')
 
 
-def command_line(script: str, argv: Sequence[str] | None) -> str:
-  """The command that ran benchmark `script` (e.g. 'train_step.py') with `argv` (None: sys.argv)."""
-  return shlex.join(['python', f'benchmarks/{script}',
-                     *(sys.argv[1:] if argv is None else argv)])
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
-  return '\n'.join(lines)
+def command_line(module: str) -> str:
+  """The command that ran benchmark `module` (e.g. 'train_step'): `python -m benchmarks.<module>`
+  with this process's arguments."""
+  return shlex.join(['python', '-m', f'benchmarks.{module}', *sys.argv[1:]])
 
 
 def write_csv(path, rows: Sequence[dict]) -> None:

@@ -1,8 +1,12 @@
 """Inference benchmark: eval forward with and without the EC fold, interleaved; prints a table.
 
-  python benchmarks/inference.py --config configs/kits.py --variant ec_cam_unet --size 128 \
-      --batch 8 --slices 32 --repeats 3 [--features 64,128,256,512,1024] [--conv_impl auto]
-  python benchmarks/inference.py --workdir runs/kits [--checkpoint best] ...   # a trained run
+  python -m benchmarks.inference --config configs/kits.py:ec_cam_unet --size 128 \
+      --batch 8 --slices 32 --repeats 3 [--features 64,128,256,512,1024] [--conv_impl auto] \
+      [--host_memory auto] [--csv inference.csv]
+  python -m benchmarks.inference --workdir runs/kits [--checkpoint best] ...   # a trained run
+
+(from the repository root; the variant after the colon is a row of configs/default.VARIANTS,
+and `--config.key=value` overrides fields of the config file).
 
 The eval-mode main-head logits of the model, jitted for one batch shape on one device (as
 `ecm_jax.inference.Predictor` runs it), in two forms: 'unfolded' (the trained graph: three
@@ -13,15 +17,12 @@ block), when the model has EC blocks. Timed interleaved, median of --repeats rou
                   in batches of --batch (the last one padded), as `Predictor.logits` does.
 Weights: random (`random_variables`: numpy draws, random BatchNorm statistics so that the fold has
 scales and shifts to fold), or the checkpoint of a training run with --workdir (then its config is
-used and --config, --variant, --size, --features, --conv_impl are ignored). The sanity check is
+used and --config, --size, --features, --conv_impl are ignored). The sanity check is
 max |folded - unfolded| over the volume's logits: float32 rounding, grown through the network
 (measured: ~1e-6 of max |logits| at widths 4..16, ~2e-4 at 64..1024 with CoA attention).
 """
 
-import argparse
 import functools
-import pathlib
-import sys
 import time
 
 import jax
@@ -29,17 +30,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
-                               config_from_args, machine_summary, markdown_table, median,
-                               prepare_process, random_variables, time_interleaved, write_csv)
-from ecm_jax.models.fold import fold_ec, has_ec_blocks  # noqa: E402
-from ecm_jax.evaluate.inference import Predictor, batched_logits  # noqa: E402
-from ecm_jax.models.networks import build_model  # noqa: E402
+from benchmarks.common import machine_summary, median, random_variables, time_interleaved, write_csv
+from ecm_jax import tables
+from ecm_jax.evaluate.inference import batched_logits
+from ecm_jax.models.fold import fold_ec, has_ec_blocks
+from ecm_jax.models.networks import build_model
 
 HEADER = ('form', 'compile s', 'GFLOP / slice', 'slices/s (batch)', 'volume latency s',
           'volume slices/s', 'speed-up (volume)')
+ALIGN = 'lrrrrrr'
 
 
 def model_forms(model_config: ml_collections.ConfigDict, variables: dict) -> dict:
@@ -92,51 +91,67 @@ def benchmark(model_config: ml_collections.ConfigDict, variables: dict, *, size:
   return rows, difference, scale
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  add_config_arguments(p, variant='ec_cam_unet', size=128,
-                       variant_help='a row of configs/default.VARIANTS')
-  p.add_argument('--workdir', default=None, help='a training run: its config and checkpoint')
-  p.add_argument('--checkpoint', default='best', help='with --workdir: best | latest | a step')
-  p.add_argument('--batch', type=int, default=8, help='slices per forward call')
-  p.add_argument('--slices', type=int, default=32, help='slices of the timed volume')
-  p.add_argument('--repeats', type=int, default=3, help='timed rounds (median)')
-  p.add_argument('--csv', default=None, help='also write the rows to this CSV file')
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> tuple[list[dict], float, float]:
-  """Runs the benchmark and prints the table; returns `benchmark`'s result."""
-  args = parse_args(argv)
-  allocator = prepare_process(args)
-  if args.workdir:
-    predictor = Predictor(args.workdir, args.checkpoint, fold=False)
-    config, variables = predictor.config, predictor.variables
-    source = f'{args.workdir} step {predictor.step}'
-  else:
-    config = config_from_args(args)
-    variables, source = random_variables(config.model), 'random (numpy draws)'
+def run(config: ml_collections.ConfigDict, variables: dict | None = None, *,
+        source: str = 'random (numpy draws)', batch: int = 8, slices: int = 32, repeats: int = 3,
+        host_memory: str = 'default', csv: str | None = None,
+        command: str | None = None) -> tuple[list[dict], float, float]:
+  """Runs the benchmark of `config` with `variables` (None: `random_variables`; `source` says
+  where they come from) and prints the table (after the command line `command`, if given);
+  returns `benchmark`'s result (its rows written to `csv`, if given). `host_memory`: this
+  process's allocator in effect, for the report."""
+  if variables is None:
+    variables = random_variables(config.model)
   model_config, size = config.model, config.data.image_size
-  rows, difference, scale = benchmark(model_config, variables, size=size, batch=args.batch,
-                                      slices=args.slices, repeats=args.repeats)
+  rows, difference, scale = benchmark(model_config, variables, size=size, batch=batch,
+                                      slices=slices, repeats=repeats)
   print(f'\n# Inference (eval forward, main-head logits): {config.get("variant", "-")} '
         f'({model_config.name}), '
         f'{size}x{size}, features {"-".join(map(str, model_config.features))}, conv_impl '
-        f'{model_config.conv_impl}, batch {args.batch}, volume {args.slices} slices; weights: '
-        f'{source}; median of {args.repeats} interleaved rounds after 1 warm-up; host memory '
-        f'{allocator}')
+        f'{model_config.conv_impl}, batch {batch}, volume {slices} slices; weights: '
+        f'{source}; median of {repeats} interleaved rounds after 1 warm-up; host memory '
+        f'{host_memory}')
   print(machine_summary())
-  print(command_line('inference.py', argv) + '\n')
-  print(markdown_table(HEADER, [
+  if command is not None:
+    print(command + '\n')
+  print(tables.markdown_table(HEADER, [
       (r['form'], f"{r['compile_s']:.1f}", f"{r['gflop_per_slice']:.2f}",
        f"{r['slices_per_s']:.2f}", f"{r['volume_latency_s']:.2f}",
-       f"{r['volume_slices_per_s']:.2f}", f"{r['volume_speedup']:.2f}x") for r in rows]))
+       f"{r['volume_slices_per_s']:.2f}", f"{r['volume_speedup']:.2f}x") for r in rows], ALIGN))
   print(f'\nmax |folded - unfolded| logits over the volume: {difference:.3g} '
         f'(max |logits| {scale:.3g})')
-  if args.csv:
-    write_csv(args.csv, rows)
+  if csv:
+    write_csv(csv, rows)
   return rows, difference, scale
 
 
 if __name__ == '__main__':
-  main()
+  from absl import flags
+
+  from benchmarks.common import command_line, define_config_flags
+  from ecm_jax import cli, runtime
+  from ecm_jax.errors import UserError
+  from ecm_jax.evaluate.inference import Predictor
+
+  _CONFIG = define_config_flags(config='configs/kits.py', size=128)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'a training run: its config and checkpoint')
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best',
+                                    'with --workdir: best | latest | a step')
+  _BATCH = flags.DEFINE_integer('batch', 8, 'slices per forward call')
+  _SLICES = flags.DEFINE_integer('slices', 32, 'slices of the timed volume')
+  _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed rounds (median)')
+  _CSV = flags.DEFINE_string('csv', None, 'also write the rows to this CSV file')
+
+  def main(argv):
+    del argv
+    allocator = runtime.host_memory_in_effect()
+    if _WORKDIR.value:
+      predictor = Predictor(_WORKDIR.value, _CHECKPOINT.value, fold=False)
+      config, variables = predictor.config, predictor.variables
+      source = f'{_WORKDIR.value} step {predictor.step}'
+    else:
+      config, variables, source = _CONFIG.get(), None, 'random (numpy draws)'
+    run(config, variables, source=source, batch=_BATCH.value, slices=_SLICES.value,
+        repeats=_REPEATS.value, host_memory=allocator, csv=_CSV.value,
+        command=command_line('inference'))
+
+  cli.run(main, UserError, compilation_cache=False)  # compile times are measured

@@ -1,17 +1,20 @@
 """Per-op benchmark of `ecm_jax.ops`: each kernel shape of a U-Net 64..1024, timed per `conv_impl`.
 
-  python benchmarks/ops.py --size 128 --batch 4 --repeats 5 [--torch] [--host_memory auto]
+  python -m benchmarks.ops --size 128 --batch 4 --repeats 5 [--features 64,128,256,512,1024] \
+      [--impls xla,gemm] [--noec] [--noaspp] [--only REGEX] [--torch] [--host_memory auto]
 
-For every distinct conv shape of the network (plain U-Net; with --ec the 1x3/3x1 branches of the
-encoder; with --aspp the CoAG-MuSFu 1x1 and dilated 3x3 convs at the bottleneck), and for
-`upsample_patches` and `max_pool_2x2`, it times the forward and the forward+backward
-(value and gradients w.r.t. input and kernel of a random linear functional), jitted, each impl
-interleaved with the others, median of --repeats after a warm-up. Prints a markdown table with
-GFLOP/s (nominal: all taps of the kernel, as `lax.conv` counts them; taps that only see padding
-are skipped by 'gemm', so its figure can exceed the peak), the speed-up of each impl over the
-first, the conv time per training step summed over the layers (count x fwd+bwd) per group, and
-the machine's GEMM peak measured in the same run. The upsampling and pooling ops are compared
-with the library forms they replace (einsum; flax.linen.max_pool).
+(from the repository root).
+
+For every distinct conv shape of the network (plain U-Net; with --ec, the default, the 1x3/3x1
+branches of the encoder; with --aspp, the default, the CoAG-MuSFu 1x1 and dilated 3x3 convs at the
+bottleneck; --noec, --noaspp leave them out), and for `upsample_patches` and `max_pool_2x2`, it
+times the forward and the forward+backward (value and gradients w.r.t. input and kernel of a random
+linear functional), jitted, each impl interleaved with the others, median of --repeats after a
+warm-up. Prints a markdown table with GFLOP/s (nominal: all taps of the kernel, as `lax.conv` counts
+them; taps that only see padding are skipped by 'gemm', so its figure can exceed the peak), the
+speed-up of each impl over the first, the conv time per training step summed over the layers (count
+x fwd+bwd) per group, and the machine's GEMM peak measured in the same run. The upsampling and
+pooling ops are compared with the library forms they replace (einsum; flax.linen.max_pool).
 
 With --torch, PyTorch's `conv2d` (NCHW, as the reference model runs it) is timed on the same
 values in the same rounds, and each JAX impl's time is divided by it (< 1: JAX faster). PyTorch
@@ -20,23 +23,18 @@ benchmarks set it up): a per-layer comparison with equal allocators, where the t
 benchmark runs PyTorch as out of the box by default. The forward outputs are checked to agree.
 """
 
-import argparse
-import pathlib
+from collections.abc import Sequence
 import platform
 import re
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (command_line, measure_gemm_peak, median,  # noqa: E402
-                               parse_ints, prepare_process, time_interleaved)
-from ecm_jax.cpu import host_memory  # noqa: E402
-from ecm_jax.models import ops  # noqa: E402
+from benchmarks.common import measure_gemm_peak, median, time_interleaved
+from ecm_jax import tables
+from ecm_jax.models import ops
 
 FEATURES = (64, 128, 256, 512, 1024)
 
@@ -133,69 +131,60 @@ def time_row(variants, x, params, repeats, extra=None):
   return {name: (median(t[name, 'fwd']), median(t[name, 'both'])) for name, _ in thunks}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--size', type=int, default=128)
-  p.add_argument('--batch', type=int, default=4)
-  p.add_argument('--in-channels', type=int, default=1)
-  p.add_argument('--features', type=parse_ints, default=FEATURES,
-                 help='encoder widths (default 64,128,256,512,1024)')
-  p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--impls', default='xla,gemm', help='comma-separated conv impls; the first is the baseline')
-  p.add_argument('--dtype', default='float32')
-  p.add_argument('--no-ec', dest='ec', action='store_false', help='leave out the EC 1x3/3x1 convs')
-  p.add_argument('--no-aspp', dest='aspp', action='store_false', help='leave out the ASPP/fusion convs')
-  p.add_argument('--only', default='', help='regex: time only the rows whose layer name matches')
-  p.add_argument('--torch', action='store_true',
-                 help="also time PyTorch's conv2d on each conv layer, in this process")
-  p.add_argument('--host_memory', choices=host_memory.MODES, default='auto',
-                 help="this process's host allocator (PyTorch's too): " + host_memory.FLAG_HELP)
-  return p.parse_args(argv)
+def table_line(header: Sequence[str], align: str, cells: Sequence) -> str:
+  """One row of `tables.markdown_table(header, rows, align)`, printed as soon as it is measured."""
+  return tables.markdown_table(header, [cells], align).splitlines()[-1]
 
 
-def main(argv=None) -> list[dict]:
-  """Runs the benchmark, prints its tables; returns one dict per conv row: layer, group, H, cin,
-  cout, kernel, count, and per impl (and 'torch') the (fwd, fwd+bwd) seconds."""
-  args = parse_args(argv)
-  impls = args.impls.split(',')
+def run(*, size: int = 128, batch: int = 4, in_channels: int = 1,
+        features: Sequence[int] = FEATURES, repeats: int = 5,
+        impls: Sequence[str] = ('xla', 'gemm'), dtype: str = 'float32', ec: bool = True,
+        aspp: bool = True, only: str = '', with_torch: bool = False, host_memory: str = 'default',
+        command: str | None = None) -> list[dict]:
+  """Runs the benchmark, prints its tables (after the command line `command`, if given); returns
+  one dict per conv row: layer, group, H, cin, cout, kernel, count, and per impl (and 'torch')
+  the (fwd, fwd+bwd) seconds. `impls`: conv impls, the first the baseline; `only`: a regex, the
+  rows whose layer name matches; `host_memory`: this process's allocator in effect, for the
+  report."""
+  impls = list(impls)
   for impl in impls:
     ops.resolve_impl(impl)
-  allocator = prepare_process(args)
-  dtype = jnp.dtype(args.dtype)
+  dtype = jnp.dtype(dtype)
   key = jax.random.PRNGKey(0)
 
   peak = measure_gemm_peak()
-  print(f'# ops benchmark: {args.size}x{args.size}, batch {args.batch}, {dtype.name}, '
-        f'median of {args.repeats}, impls interleaved; host memory {allocator}')
+  print(f'# ops benchmark: {size}x{size}, batch {batch}, {dtype.name}, '
+        f'median of {repeats}, impls interleaved; host memory {host_memory}')
   versions = f'jax {jax.__version__}'
-  if args.torch:
+  if with_torch:
     import torch
     versions += f', PyTorch {torch.__version__} ({torch.get_num_threads()} threads)'
   print(f'{versions}, backend {jax.default_backend()}, {platform.processor() or platform.machine()}, '
         f"'auto' -> {ops.resolve_impl('auto')}; GEMM peak (2048^3 matmul) {peak:.0f} GFLOP/s")
-  print(command_line('ops.py', argv) + '\n')
-  timed = impls + ['torch'] * args.torch
+  if command is not None:
+    print(command + '\n')
+  timed = impls + ['torch'] * with_torch
   header = ['layer', 'x (B,H,W,C)', 'kernel', 'n']
   header += [f'{i} {column}' for i in timed for column in ('fwd ms', 'f+b ms', 'f+b GF/s')]
   header += [f'{i}/{impls[0]} f+b' for i in impls[1:]]
-  header += [f'{i}/torch f+b time' for i in impls] if args.torch else []
-  print('| ' + ' | '.join(header) + ' |')
-  print('|' + '---|' * len(header))
+  header += [f'{i}/torch f+b time' for i in impls] if with_torch else []
+  align = 'lll' + 'r' * (len(header) - 3)
+  print(tables.markdown_table(header, [], align))
   totals = {}  # group -> impl -> seconds of count x fwd+bwd
   rows = []
 
   def wanted(label):
-    return re.search(args.only, label) is not None
+    return re.search(only, label) is not None
 
   for group, name, h, cin, cout, kh, kw, d, count in conv_layers(
-      args.size, args.in_channels, args.features, args.ec, args.aspp):
+      size, in_channels, features, ec, aspp):
     if not wanted(name):
       continue
-    x = jax.random.normal(key, (args.batch, h, h, cin), dtype)
+    x = jax.random.normal(key, (batch, h, h, cin), dtype)
     k = (jax.random.normal(key, (kh, kw, cin, cout)) * (kh * kw * cin) ** -0.5).astype(dtype)
     variants = {i: (lambda i: lambda x, k: ops.conv2d(x, k, dilation=d, impl=i))(i) for i in impls}
     extra = {}
-    if args.torch:
+    if with_torch:
       forward, both, _, out = torch_conv_thunks(x, k, d)
       expected = np.asarray(variants[impls[0]](x, k), np.float32)
       tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
@@ -203,17 +192,17 @@ def main(argv=None) -> list[dict]:
         raise RuntimeError(f'{name}: PyTorch conv2d and {impls[0]} disagree '
                            f'(max |difference| {np.abs(out - expected).max():.3g})')
       extra['torch'] = (forward, both)
-    res = time_row(variants, x, k, args.repeats, extra)
-    flops = 2 * args.batch * h * h * kh * kw * cin * cout
+    res = time_row(variants, x, k, repeats, extra)
+    flops = 2 * batch * h * h * kh * kw * cin * cout
     cells = []
     for i in timed:
       f, b = res[i]
       totals.setdefault(group, dict.fromkeys(timed, 0.0))[i] += count * b
-      cells.append(f'{f * 1e3:.1f} | {b * 1e3:.1f} | {3 * flops / b / 1e9:.0f}')
+      cells += [f'{f * 1e3:.1f}', f'{b * 1e3:.1f}', f'{3 * flops / b / 1e9:.0f}']
     cells += [f'{res[impls[0]][1] / res[i][1]:.2f}x' for i in impls[1:]]
-    cells += [f'{res[i][1] / res["torch"][1]:.2f}' for i in impls] if args.torch else []
+    cells += [f'{res[i][1] / res["torch"][1]:.2f}' for i in impls] if with_torch else []
     kdesc = f'{kh}x{kw}x{cin}x{cout}' + (f' d{d}' if d > 1 else '')
-    print(f'| {name} | {(args.batch, h, h, cin)} | {kdesc} | {count} | ' + ' | '.join(cells) + ' |',
+    print(table_line(header, align, [name, (batch, h, h, cin), kdesc, count, *cells]),
           flush=True)
     rows.append(dict(layer=name, group=group, H=h, cin=cin, cout=cout, kernel=kdesc, count=count,
                      **res))
@@ -221,31 +210,67 @@ def main(argv=None) -> list[dict]:
   print('\nSum of count x fwd+bwd over the conv layers (s):')
   for group, t in totals.items():
     ratios = [f'{i}/{impls[0]} {t[impls[0]] / t[i]:.2f}x' for i in impls[1:]]
-    ratios += [f'{i}/torch time {t[i] / t["torch"]:.2f}' for i in impls] if args.torch else []
+    ratios += [f'{i}/torch time {t[i] / t["torch"]:.2f}' for i in impls] if with_torch else []
     print(f'- {group}: ' + ', '.join(f'{i} {t[i]:.2f}' for i in timed) + '; ' + ', '.join(ratios))
 
   # The other ops have one implementation each; compared with the library form they replace.
-  print('\n| op | x (B,H,W,C) | ours fwd ms | ours f+b ms | reference | ref f+b ms | ref/ours f+b |')
-  print('|---|---|---|---|---|---|---|')
+  other_header = ('op', 'x (B,H,W,C)', 'ours fwd ms', 'ours f+b ms', 'reference', 'ref f+b ms',
+                  'ref/ours f+b')
+  other_align = 'llrrlrr'
+  print('\n' + tables.markdown_table(other_header, [], other_align))
   others = []
-  for level in range(len(args.features) - 1):
-    h, c = args.size >> (level + 1), args.features[level + 1]
+  for level in range(len(features) - 1):
+    h, c = size >> (level + 1), features[level + 1]
     others.append((f'upsample_patches s2 (dec{level})', (h, c), (2, 2, c, c // 2),
                    ops.upsample_patches, 'einsum', upsample_einsum))
-  for level in range(len(args.features) - 1):
-    h, c = args.size >> level, args.features[level]
+  for level in range(len(features) - 1):
+    h, c = size >> level, features[level]
     others.append((f'max_pool_2x2 (enc{level})', (h, c), None, lambda x, _: ops.max_pool_2x2(x),
                    'flax max_pool', lambda x, _: nn.max_pool(x, (2, 2), strides=(2, 2))))
   for name, (h, c), kshape, ours, ref_name, ref in others:
     if not wanted(name):
       continue
-    x = jax.random.normal(key, (args.batch, h, h, c), dtype)
+    x = jax.random.normal(key, (batch, h, h, c), dtype)
     k = None if kshape is None else jax.random.normal(key, kshape, dtype) * c ** -0.5
-    res = time_row({'ours': ours, 'ref': ref}, x, k, args.repeats)
-    print(f"| {name} | {(args.batch, h, h, c)} | {res['ours'][0] * 1e3:.1f} | {res['ours'][1] * 1e3:.1f} "
-          f"| {ref_name} | {res['ref'][1] * 1e3:.1f} | {res['ref'][1] / res['ours'][1]:.2f}x |", flush=True)
+    res = time_row({'ours': ours, 'ref': ref}, x, k, repeats)
+    print(table_line(other_header, other_align, [
+        name, (batch, h, h, c), f"{res['ours'][0] * 1e3:.1f}", f"{res['ours'][1] * 1e3:.1f}",
+        ref_name, f"{res['ref'][1] * 1e3:.1f}", f"{res['ref'][1] / res['ours'][1]:.2f}x"]),
+          flush=True)
   return rows
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app, flags
+
+  from benchmarks.common import command_line, define_int_list
+  from ecm_jax import cli, runtime
+  from ecm_jax.errors import UserError
+
+  _SIZE = flags.DEFINE_integer('size', 128, 'image size')
+  _BATCH = flags.DEFINE_integer('batch', 4, 'batch')
+  _IN_CHANNELS = flags.DEFINE_integer('in_channels', 1, 'input image channels')
+  _FEATURES = define_int_list('features', ','.join(map(str, FEATURES)),
+                              'encoder widths (default 64,128,256,512,1024)')
+  _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed rounds (median)')
+  _IMPLS = flags.DEFINE_list('impls', ['xla', 'gemm'],
+                             'comma-separated conv impls; the first is the baseline')
+  _DTYPE = flags.DEFINE_string('dtype', 'float32', 'compute dtype (a jax.numpy dtype name)')
+  _EC = flags.DEFINE_bool('ec', True, 'the EC 1x3/3x1 convs (--noec: leave them out)')
+  _ASPP = flags.DEFINE_bool('aspp', True, 'the ASPP/fusion convs (--noaspp: leave them out)')
+  _ONLY = flags.DEFINE_string('only', '', 'regex: time only the rows whose layer name matches')
+  _TORCH = flags.DEFINE_bool('torch', False,
+                             "also time PyTorch's conv2d on each conv layer, in this process")
+
+  def main(argv):
+    del argv
+    unknown = [impl for impl in _IMPLS.value if impl not in ops.IMPLS]
+    if unknown:
+      raise app.UsageError(f'--impls: unknown {unknown}; choose from {", ".join(ops.IMPLS)}')
+    allocator = runtime.host_memory_in_effect()
+    run(size=_SIZE.value, batch=_BATCH.value, in_channels=_IN_CHANNELS.value,
+        features=_FEATURES.value, repeats=_REPEATS.value, impls=_IMPLS.value, dtype=_DTYPE.value,
+        ec=_EC.value, aspp=_ASPP.value, only=_ONLY.value, with_torch=_TORCH.value,
+        host_memory=allocator, command=command_line('ops'))
+
+  cli.run(main, UserError, compilation_cache=False)  # compile times are measured

@@ -1,13 +1,18 @@
 """Data-parallel scaling of the train step on 1, 2, 4, ... devices: weak and strong; CSV and PNG.
 
-  python benchmarks/scaling.py --config configs/kits.py --variant unet --size 64 \
-      --devices 1,2,4 --per_device_batch 2 --global_batch 8 --repeats 3 [--out scaling]
+  python -m benchmarks.scaling --config configs/kits.py:unet --size 64 \
+      --devices 1,2,4 --per_device_batch 2 --global_batch 8 --repeats 3 [--out scaling] \
+      [--features 64,128,256,512,1024] [--conv_impl auto] [--host_memory auto]
+
+(from the repository root; the variant after the colon is a row of configs/default.VARIANTS,
+and `--config.key=value` overrides fields of the config file).
 
 One subprocess per device count N (a process's device count is fixed when jax starts), each
-running the product train step (`sharding.jit_train_step` on a mesh over the first N devices: state
-replicated and donated, batch sharded) on a synthetic batch from the same random state in every
-process (`common.random_train_state`: numpy draws, no initialiser to compile), median step time of
---repeats steps after --warmup:
+(`python -m benchmarks.scaling --worker N ...` from the repository root, the parent's config on its
+stdin) running the product train step (`sharding.jit_train_step` on a mesh over the first N
+devices: state replicated and donated, batch sharded) on a synthetic batch from the same random
+state in every process (`common.random_train_state`: numpy draws, no initialiser to compile),
+median step time of --repeats steps after --warmup:
   weak    per-device batch fixed (--per_device_batch): global batch N x per-device batch;
   strong  global batch fixed (--global_batch; device counts that do not divide it are skipped).
 Efficiency = images/s on N devices / (N x images/s on 1 device), per mode (1.0 = linear scaling).
@@ -23,38 +28,45 @@ counts beyond the real count are skipped with a message.
 Writes <out>.csv (one row per mode and device count) and <out>.png (images/s and efficiency).
 """
 
-import argparse
+from collections.abc import Sequence
 import json
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
 import jax
+import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.common import (
+  benchmark_config,
+  compile_train_step,
+  host_summary,
+  median,
+  random_train_state,
+  time_interleaved,
+  write_csv,
+)
+from ecm_jax import tables
+from ecm_jax.data.synthetic import noise_batches
+from ecm_jax.train import sharding
 
-from benchmarks.common import (add_config_arguments, command_line,  # noqa: E402
-                               compile_train_step, config_from_args, host_summary,
-                               markdown_table, median, parse_ints, prepare_process,
-                               random_train_state, time_interleaved, write_csv)
-from ecm_jax.train import sharding  # noqa: E402
-from ecm_jax.data.synthetic import noise_batches  # noqa: E402
-
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # the workers' working directory
 LOSS_RTOL = 1e-5  # |loss_N - loss_1| <= LOSS_RTOL * |loss_1|
 RESULT_PREFIX = 'RESULT '  # marks the worker's JSON lines on its stdout
 MODES = ('weak', 'strong')
 HEADER = ('mode', 'devices', 'global batch', 'step s', 'images/s', 'efficiency', 'compile s',
           'loss after 1 step', '|rel. diff| vs 1 device')
+ALIGN = 'lrrrrrrrr'
 
 
 # --- worker: one device count, in its own process -------------------------------------------------
 
-def run_worker(args: argparse.Namespace) -> None:
-  """Times the step on the first `args.worker` devices for each of `args.global_batches`; prints one
+def run_worker(config: ml_collections.ConfigDict, n: int, global_batches: Sequence[int], *,
+               repeats: int, warmup: int) -> None:
+  """Times the step of `config` on the first `n` devices for each of `global_batches`; prints one
   RESULT JSON line per batch (or one {'skipped': reason} line)."""
-  prepare_process(args)
-  n = args.worker
   base = {'devices': n, 'platform': jax.default_backend(),
           'device_kind': jax.devices()[0].device_kind}
   if jax.device_count() < n:
@@ -63,13 +75,13 @@ def run_worker(args: argparse.Namespace) -> None:
     return
   mesh = sharding.make_mesh(jax.devices()[:n])
   start = None  # the initial state on the host (it does not depend on the batch size)
-  for global_batch in args.global_batches:
-    config = config_from_args(args, batch=global_batch)
+  for global_batch in global_batches:
+    batch_config = benchmark_config(config, batch=global_batch)
     if start is None:
-      start = random_train_state(config)
-    step = compile_train_step(config, mesh, noise_batches(config, 1)[0],
+      start = random_train_state(batch_config)
+    step = compile_train_step(batch_config, mesh, noise_batches(batch_config, 1)[0],
                               sharding.replicate(start, mesh))
-    times = time_interleaved({'step': step.step}, args.repeats, args.warmup)['step']
+    times = time_interleaved({'step': step.step}, repeats, warmup)['step']
     print(RESULT_PREFIX + json.dumps(dict(
         base, global_batch=global_batch, step_s=median(times), compile_s=step.compile_seconds,
         loss_after_step=float(step.losses[1]))), flush=True)
@@ -98,13 +110,16 @@ def worker_env(devices: int) -> dict[str, str]:
   return env
 
 
-def run_devices(argv: list[str], devices: int, global_batches: list[int]) -> list[dict]:
-  """The worker's results for `devices` devices and each global batch: this script with the
-  parent's arguments `argv` (stderr passes through)."""
-  command = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, '--worker',
-             str(devices), '--global_batches', ','.join(map(str, global_batches))]
-  out = subprocess.run(command, env=worker_env(devices), stdout=subprocess.PIPE, text=True,
-                       check=True).stdout
+def run_devices(config: ml_collections.ConfigDict, devices: int, global_batches: list[int], *,
+                repeats: int, warmup: int, host_memory_mode: str) -> list[dict]:
+  """The worker's results for `devices` devices and each global batch: `python -m
+  benchmarks.scaling --worker ...` from the repository root, `config` pickled on its stdin, its
+  host allocator `host_memory_mode` (stderr passes through)."""
+  command = [sys.executable, '-m', 'benchmarks.scaling', '--worker', str(devices),
+             '--global_batches', ','.join(map(str, global_batches)), '--repeats', str(repeats),
+             '--warmup', str(warmup), '--host_memory', host_memory_mode]
+  out = subprocess.run(command, input=pickle.dumps(config.to_dict()), env=worker_env(devices),
+                       cwd=REPO_ROOT, stdout=subprocess.PIPE, check=True).stdout.decode()
   return [json.loads(line[len(RESULT_PREFIX):]) for line in out.splitlines()
           if line.startswith(RESULT_PREFIX)]
 
@@ -164,17 +179,26 @@ def plot(rows: list[dict], title: str, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def run_parent(args: argparse.Namespace, argv) -> list[dict]:
-  """Runs a worker per device count, writes the CSV and PNG, prints the table; returns the rows."""
-  devices = sorted(set(args.devices) | {1})
-  batches = plan(devices, args.per_device_batch, args.global_batch)
+def run_parent(config: ml_collections.ConfigDict, *, devices: Sequence[int] = (1, 2, 4),
+               per_device_batch: int = 2, global_batch: int = 8, repeats: int = 3,
+               warmup: int = 1, out: str | os.PathLike = 'scaling',
+               host_memory_mode: str = 'default', command: str | None = None) -> list[dict]:
+  """Runs a worker per device count for `config` (host allocator `host_memory_mode`), writes
+  <out>.csv and <out>.png, prints the table (after the command line `command`, if given); returns
+  the rows."""
+  if warmup < 1 or repeats < 1:
+    raise ValueError('warmup and repeats must be at least 1 (the loss check reads the second '
+                     'step)')
+  devices = sorted(set(devices) | {1})
+  batches = plan(devices, per_device_batch, global_batch)
   # The 1-device worker also runs every other count's global batch: the loss references.
   needed = {n: sorted(set(modes.values())) for n, modes in batches.items()}
   needed[1] = sorted({b for modes in batches.values() for b in modes.values()})
   results, skipped = {}, []
   for n in devices:
     print(f'scaling: {n} device(s), global batches {needed[n]}', file=sys.stderr, flush=True)
-    worker = run_devices(sys.argv[1:] if argv is None else list(argv), n, needed[n])
+    worker = run_devices(config, n, needed[n], repeats=repeats, warmup=warmup,
+                         host_memory_mode=host_memory_mode)
     if 'skipped' in worker[0]:
       skipped.append(f'{n} devices: skipped ({worker[0]["skipped"]})')
       continue
@@ -185,52 +209,62 @@ def run_parent(args: argparse.Namespace, argv) -> list[dict]:
   devices_note = (f'simulated CPU devices sharing the same {os.cpu_count()} cores: a correctness '
                   f'and overhead check, not a speed-up claim' if simulated
                   else f'{platform} devices ({rows[0]["device_kind"]})')
-  title = (f'{args.variant} {args.size}x{args.size}, weak: {args.per_device_batch}/device, strong: '
-           f'global {args.global_batch}; {devices_note}')
-  csv_path, png_path = pathlib.Path(f'{args.out}.csv'), pathlib.Path(f'{args.out}.png')
+  size = config.data.image_size
+  title = (f'{config.variant} {size}x{size}, weak: {per_device_batch}/device, strong: '
+           f'global {global_batch}; {devices_note}')
+  csv_path, png_path = pathlib.Path(f'{out}.csv'), pathlib.Path(f'{out}.png')
   write_csv(csv_path, rows)
   plot(rows, title, png_path)
   print(f'\n# Scaling of the train step: {title}')
   if simulated:
     print('NOTE: the devices are simulated on the CPU and share its cores; N devices cannot be '
           'faster than 1. This run checks correctness (loss vs 1 device) and overhead only.')
-  print(f'{host_summary()}; median of {args.repeats} steps after {args.warmup} warm-up; loss '
+  print(f'{host_summary()}; median of {repeats} steps after {warmup} warm-up; loss '
         f'check |loss_N - loss_1| <= {LOSS_RTOL:g} x |loss_1|')
-  print(command_line('scaling.py', argv) + '\n')
-  print(markdown_table(HEADER, [
+  if command is not None:
+    print(command + '\n')
+  print(tables.markdown_table(HEADER, [
       (r['mode'], r['devices'], r['global_batch'], f"{r['step_s']:.3f}",
        f"{r['images_per_s']:.2f}", f"{r['efficiency']:.2f}", f"{r['compile_s']:.1f}",
        f"{r['loss_after_step']:.6f}", f"{r['loss_rel_diff']:.1e}"
-       + ('' if r['loss_ok'] else ' FAILED')) for r in rows]))
+       + ('' if r['loss_ok'] else ' FAILED')) for r in rows], ALIGN))
   for line in skipped:
     print(line)
   print(f'\nWrote {csv_path} and {png_path}')
   return rows
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  add_config_arguments(p, variant='unet', size=64, variant_help='a row of configs/default.VARIANTS')
-  p.add_argument('--devices', type=parse_ints, default=(1, 2, 4), help='device counts')
-  p.add_argument('--per_device_batch', type=int, default=2, help='weak scaling: batch per device')
-  p.add_argument('--global_batch', type=int, default=8, help='strong scaling: global batch')
-  p.add_argument('--repeats', type=int, default=3, help='timed steps (median)')
-  p.add_argument('--warmup', type=int, default=1, help='untimed steps first (at least 1)')
-  p.add_argument('--out', default='scaling', help='writes <out>.csv and <out>.png')
-  p.add_argument('--worker', type=int, default=None, help=argparse.SUPPRESS)
-  p.add_argument('--global_batches', type=parse_ints, default=None, help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  if args.warmup < 1 or args.repeats < 1:
-    p.error('--warmup and --repeats must be at least 1 (the loss check reads the second step)')
-  return args
-
-
-def main(argv=None):
-  args = parse_args(argv)
-  if args.worker is not None:
-    return run_worker(args)
-  return run_parent(args, argv)
-
-
 if __name__ == '__main__':
-  main()
+  from absl import flags
+
+  from benchmarks.common import command_line, define_config_flags, define_int_list
+  from ecm_jax import cli
+  from ecm_jax.errors import UserError
+
+  _CONFIG = define_config_flags(config='configs/kits.py:unet', size=64)
+  _DEVICES = define_int_list('devices', '1,2,4', 'device counts')
+  _PER_DEVICE_BATCH = flags.DEFINE_integer('per_device_batch', 2,
+                                           'weak scaling: batch per device')
+  _GLOBAL_BATCH = flags.DEFINE_integer('global_batch', 8, 'strong scaling: global batch')
+  _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed steps (median)', lower_bound=1)
+  _WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed steps first (at least 1: the loss check '
+                                 'reads the second step)', lower_bound=1)
+  _OUT = flags.DEFINE_string('out', 'scaling', 'writes <out>.csv and <out>.png')
+  # The worker of one device count (`run_devices`), its config on stdin.
+  _WORKER = flags.DEFINE_integer('worker', None, 'internal: run as the worker of this many devices')
+  _GLOBAL_BATCHES = define_int_list('global_batches', None,
+                                    "internal: the worker's global batches")
+
+  def main(argv):
+    del argv
+    if _WORKER.value is not None:
+      config = ml_collections.ConfigDict(pickle.load(sys.stdin.buffer))
+      run_worker(config, _WORKER.value, _GLOBAL_BATCHES.value, repeats=_REPEATS.value,
+                 warmup=_WARMUP.value)
+    else:
+      run_parent(_CONFIG.get(), devices=_DEVICES.value, per_device_batch=_PER_DEVICE_BATCH.value,
+                 global_batch=_GLOBAL_BATCH.value, repeats=_REPEATS.value, warmup=_WARMUP.value,
+                 out=_OUT.value, host_memory_mode=cli.HOST_MEMORY.value,
+                 command=command_line('scaling'))
+
+  cli.run(main, UserError, compilation_cache=False)  # compile times are measured

@@ -1,8 +1,11 @@
 """Train-step benchmark: JAX (the product step) vs the PyTorch reference, interleaved, one config.
 
-  python benchmarks/train_step.py --config configs/kits.py --variant unet,ec_cam_unet \
-      --size 128 --batch 4 --repeats 5 [--features 64,128,256,512,1024] [--no-torch] \
+  python -m benchmarks.train_step --config configs/kits.py --variant unet,ec_cam_unet \
+      --size 128 --batch 4 --repeats 5 [--features 64,128,256,512,1024] [--notorch] \
       [--conv_impl auto] [--host_memory auto] [--torch_host_memory default] [--csv train_step.csv]
+
+(from the repository root; `--config.key=value` overrides fields of the config file, and each
+--variant row of configs/default.VARIANTS is applied to it in turn).
 
 Per variant, the JAX step is built as training builds it (`train_state.make_optimizer`,
 `create_train_state`, `make_mesh` over every device, `replicate`, `shard_batch`, `jit_train_step`:
@@ -34,7 +37,7 @@ float32 rounding).
 Host memory: the PyTorch step runs in a process of its own, so each framework has its own host
 allocator: --host_memory for JAX (default auto: huge pages and retaining on CPU, as train.py
 runs), and --torch_host_memory for PyTorch (default: glibc's own behaviour, as PyTorch runs out of
-the box). Huge pages or retained freed memory (`ecm_jax.host_memory`) spare every step most
+the box). Huge pages or retained freed memory (`ecm_jax.cpu.host_memory`) spare every step most
 of the page faults of its freshly mapped buffers, and speed up both frameworks; compare with both
 set alike as well as as shipped. A retaining process holds its peak: at 512x512 with full widths
 two of them exceed 24 GiB.
@@ -43,12 +46,11 @@ Threads: PyTorch uses `torch.get_num_threads()` OpenMP threads (OMP_NUM_THREADS)
 over every core. When other jobs load the machine, OpenMP's barriers suffer far more than XLA's
 pool (measured here: the PyTorch step 1.8x slower with 2 threads under load than with 1 pinned
 thread), which flatters the JAX/PyTorch ratio. Compare on an idle machine, or pin both to one core:
-  taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/train_step.py ...
+  taskset -c 1 env OMP_NUM_THREADS=1 python -m benchmarks.train_step ...
 """
 
-import argparse
+from collections.abc import Sequence
 import multiprocessing
-import pathlib
 import resource
 import sys
 
@@ -56,25 +58,33 @@ import jax
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (TOTAL_STEPS, add_config_arguments,  # noqa: E402
-                               command_line, compile_train_step, config_from_args, gemm_thunk,
-                               initial_state, machine_summary, markdown_table, median,
-                               prepare_process, time_interleaved, write_csv)
-from ecm_jax.cpu import host_memory  # noqa: E402
-from ecm_jax.train import sharding  # noqa: E402
-from ecm_jax.data.synthetic import noise_batches  # noqa: E402
+from benchmarks.common import (
+  TOTAL_STEPS,
+  compile_train_step,
+  gemm_thunk,
+  initial_state,
+  machine_summary,
+  median,
+  time_interleaved,
+  write_csv,
+)
+from ecm_jax import tables
+from ecm_jax.cpu import host_memory
+from ecm_jax.data.synthetic import noise_batches
+from ecm_jax.train import sharding
 
 HEADER = ('variant', 'framework', 'step s', 'images/s', 'compile s', 'memory MB', 'GFLOP / step',
           '% of peak', 'JAX / PyTorch')
+ALIGN = 'llrrrrrrr'
 
 
 def _torch_ref():
   """(torch, convert, models, training) of the optional PyTorch reference, imported on first use
-  (--no-torch runs without torch installed)."""
+  (--notorch runs without torch installed)."""
   import torch
-  from ecm_jax.torch_ref import convert, models, training as torch_training
+
+  from ecm_jax.torch_ref import convert, models
+  from ecm_jax.torch_ref import training as torch_training
   return torch, convert, models, torch_training
 
 
@@ -216,48 +226,66 @@ def table_rows(rows: list[dict]) -> list[tuple]:
            _cell(r['jax_over_torch'], '.2f')) for r in rows]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  add_config_arguments(p, variant='unet,ec_cam_unet', size=128, variant_help=(
-      'comma-separated rows of configs/default.VARIANTS, benchmarked one by one'))
-  p.add_argument('--batch', type=int, default=4, help='global batch (config: train.batch_size)')
-  p.add_argument('--repeats', type=int, default=5, help='timed rounds (median)')
-  p.add_argument('--warmup', type=int, default=1, help='untimed rounds first')
-  p.add_argument('--no-torch', dest='torch', action='store_false', help='JAX only')
-  p.add_argument('--torch_host_memory', choices=host_memory.MODES[1:], default='default',
-                 help='host allocator of the PyTorch process (see --host_memory)')
-  p.add_argument('--gemm_size', type=int, default=2048, help='n of the n^3 matmul giving the peak')
-  p.add_argument('--csv', default=None, help='also write the rows to this CSV file')
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> list[dict]:
-  """Runs the benchmark, prints the markdown table; returns the rows (as written with --csv)."""
-  args = parse_args(argv)
-  allocator = prepare_process(args)
+def run(configs: Sequence[ml_collections.ConfigDict], *, repeats: int = 5, warmup: int = 1,
+        with_torch: bool = True, gemm_size: int = 2048, host_memory: str = 'default',
+        torch_host_memory: str = 'default', csv: str | None = None,
+        command: str | None = None) -> list[dict]:
+  """Runs the benchmark of each config in turn (`benchmark_variant`), prints the markdown table
+  (after the command line `command`, if given); returns the rows (as written to `csv`, if given).
+  `host_memory`: this process's allocator in effect; `torch_host_memory`: the PyTorch process's
+  mode."""
   rows = []
-  for variant in args.variant.split(','):
-    config = config_from_args(args, variant=variant, batch=args.batch)
-    rows += benchmark_variant(config, repeats=args.repeats, warmup=args.warmup,
-                              with_torch=args.torch, gemm_size=args.gemm_size,
-                              host_memory=allocator, torch_host_memory=args.torch_host_memory)
+  for config in configs:
+    rows += benchmark_variant(config, repeats=repeats, warmup=warmup, with_torch=with_torch,
+                              gemm_size=gemm_size, host_memory=host_memory,
+                              torch_host_memory=torch_host_memory)
   first, torch_row = rows[0], next((r for r in rows if r['framework'] == 'PyTorch'), None)
   print(f'\n# Train step: {first["size"]}x{first["size"]}, global batch {first["batch"]}, '
         f'features {first["features"]}, conv_impl {first["conv_impl"]}, float32; median of '
-        f'{args.repeats} interleaved rounds after {args.warmup} warm-up; host memory: JAX '
-        f'{allocator}' + (f", PyTorch {torch_row['host_memory']}" if torch_row else ''))
+        f'{repeats} interleaved rounds after {warmup} warm-up; host memory: JAX '
+        f'{host_memory}' + (f", PyTorch {torch_row['host_memory']}" if torch_row else ''))
   print(machine_summary() + (f"; {torch_row['version']}" if torch_row else '')
-        + f'; GEMM peak ({args.gemm_size}^3 matmul, same rounds) '
+        + f'; GEMM peak ({gemm_size}^3 matmul, same rounds) '
         + ', '.join(f"{r['gemm_peak_gflops']:.0f}" for r in rows if r['framework'] == 'JAX')
         + ' GFLOP/s')
-  print(command_line('train_step.py', argv) + '\n')
-  print(markdown_table(HEADER, table_rows(rows)))
+  if command is not None:
+    print(command + '\n')
+  print(tables.markdown_table(HEADER, table_rows(rows), ALIGN))
   print('\nFirst-step loss (same weights and batch): ' + '; '.join(
       f"{r['variant']} {r['framework']} {r['first_loss']:.6f}" for r in rows))
-  if args.csv:
-    write_csv(args.csv, rows)
+  if csv:
+    write_csv(csv, rows)
   return rows
 
 
 if __name__ == '__main__':
-  main()
+  from absl import flags
+
+  from benchmarks.common import command_line, define_config_flags
+  from ecm_jax import cli, runtime
+  from ecm_jax.errors import UserError
+
+  _CONFIG = define_config_flags(config='configs/kits.py', size=128)
+  _VARIANT = flags.DEFINE_list('variant', ['unet', 'ec_cam_unet'],
+                               'rows of configs/default.VARIANTS, benchmarked one by one')
+  _BATCH = flags.DEFINE_integer('batch', 4, 'global batch (config: train.batch_size)')
+  _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed rounds (median)')
+  _WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed rounds first')
+  _TORCH = flags.DEFINE_bool('torch', True, 'also time the PyTorch reference step (--notorch: '
+                             'JAX only)')
+  _TORCH_HOST_MEMORY = flags.DEFINE_enum(
+      'torch_host_memory', 'default', runtime.HOST_MEMORY_MODES[1:],
+      'host allocator of the PyTorch process (see --host_memory)')
+  _GEMM_SIZE = flags.DEFINE_integer('gemm_size', 2048, 'n of the n^3 matmul giving the peak')
+  _CSV = flags.DEFINE_string('csv', None, 'also write the rows to this CSV file')
+
+  def main(argv):
+    del argv
+    allocator = runtime.host_memory_in_effect()
+    configs = [_CONFIG.get(variant=variant, batch=_BATCH.value) for variant in _VARIANT.value]
+    run(configs, repeats=_REPEATS.value, warmup=_WARMUP.value, with_torch=_TORCH.value,
+        gemm_size=_GEMM_SIZE.value, host_memory=allocator,
+        torch_host_memory=_TORCH_HOST_MEMORY.value, csv=_CSV.value,
+        command=command_line('train_step'))
+
+  cli.run(main, UserError, compilation_cache=False)  # compile times are measured

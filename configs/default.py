@@ -1,4 +1,4 @@
-"""Defaults shared by every config: the paper's network and recipe (SPEC.md sections 1-3).
+"""Defaults shared by every config: the paper's network (Section III) and recipe (Section IV-C).
 
 Dataset configs (`kits.py`, `msd_pancreas.py`, ...) start from `get_config()` here and change only
 what differs. Every knob lives here, with a comment. A config file may take a variant name after a
@@ -40,9 +40,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   # Architecture: ec_cam_unet | unet | unet_se | unet_cbam | attention_unet | unet_pp | danet.
   # Only ec_cam_unet reads ec/cc/sc/mus/fusion; every name reads dws. `unet` = ec_cam_unet with
-  # ec, cc, sc, mus off (the same graph). See ecm_jax/models.py.
+  # ec, cc, sc, mus off (the same graph). See ecm_jax/models/networks.py.
   m.name = 'ec_cam_unet'
-  m.features = (64, 128, 256, 512, 1024)  # encoder widths, depth 5 (SPEC 1)
+  m.features = (64, 128, 256, 512, 1024)  # encoder widths, depth 5 (Section III, Fig. 1)
   m.in_channels = 1  # input image channels
   m.num_classes = 1  # 1: binary (sigmoid); >1: softmax over classes (incl. background)
   # EC-CaM-UNet switches (Table II): every ablation row is a combination of these.
@@ -52,7 +52,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.mus = True  # multi-scale ASPP block
   m.dws = True  # deeply supervised side output from the bottleneck (Fig. 2d)
   m.fusion = 'fuse'  # CoA/MuS fusion (Table III): fuse (eq. 10) | add | series
-  m.ec_folded = False  # EC deploy form (one 3x3 conv + bias per block); set by ecm_jax.fold.fold_ec
+  m.ec_folded = False  # EC deploy form (one 3x3 conv + bias per block); set by ecm_jax.models.fold.fold_ec
   m.cc_hidden = 8  # channels of CC's 1D encoder-decoder (not given in the paper)
   m.sc_scale = 'none'  # SC logit scale: 'none' (paper: softmax(E E^T)) | 'rsqrt_c' (1/sqrt(C))
   m.mus_channels = 256  # width of each ASPP branch
@@ -62,10 +62,24 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.bn_momentum = 0.9  # flax convention (running = m*running + (1-m)*batch); = PyTorch 0.1
   m.bn_epsilon = 1e-5
   # Compute dtype: float32 | bfloat16 (params, softmax, reductions stay float32) | float64
-  # (everything float64; needs jax_enable_x64: for numerics checks, e.g. ecm_jax/parity.py).
+  # (everything float64; needs jax_enable_x64: for numerics checks, e.g. ecm_jax/torch_ref/parity.py).
   m.dtype = 'float32'
   m.conv_impl = 'auto'  # convolution kernels: auto (by backend) | xla (lax.conv) | gemm (CPU-fast)
   return m
+
+
+def with_variant(model_config: ml_collections.ConfigDict,
+                 variant: str) -> ml_collections.ConfigDict:
+  """A copy of `model_config` as the row `variant` of `VARIANTS`: the table switches (every key of
+  a row) reset to their defaults, then the row applied; widths, sizes and dtype stay, whatever row
+  `model_config` was. For the summary table and the benchmarks, which build several rows."""
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown variant {variant!r}; choose one of: {", ".join(VARIANTS)}')
+  defaults = get_model_config()
+  config = ml_collections.ConfigDict(model_config.to_dict())
+  config.update({key: defaults[key] for row in VARIANTS.values() for key in row})
+  config.update(VARIANTS[variant])
+  return config
 
 
 def get_config(variant: str = 'ec_cam_unet') -> ml_collections.ConfigDict:

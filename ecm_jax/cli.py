@@ -9,11 +9,10 @@ overrides where a command takes a config, and these shared flags:
 `errors` into one `error: ...` line on stderr and exit status 2 (the traceback with --verbose).
 """
 
-import sys
 from collections.abc import Callable, Sequence
+import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from ecm_jax import runtime
 
@@ -22,17 +21,20 @@ HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto', runtime.HOST_MEMORY_MODES
                                 runtime.HOST_MEMORY_HELP)
 
 
-def run(main: Callable[[Sequence[str]], None], errors: tuple[type[BaseException], ...] = (), *,
-        distributed: bool = False, positional: bool = False) -> None:
+def run(main: Callable[[Sequence[str]], None],
+        errors: type[BaseException] | tuple[type[BaseException], ...] = (), *,
+        distributed: bool = False, positional: bool = False, compilation_cache: bool = True) -> None:
   """`absl.app.run` of `main(argv)` after `runtime.start`; see the module doc.
 
   positional: whether the command takes positional arguments (else any is a usage error).
+  distributed, compilation_cache: passed to `runtime.start`.
   """
 
   def wrapped(argv):
     if not positional and len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    runtime.start(host_memory=HOST_MEMORY.value, verbose=VERBOSE.value, distributed=distributed)
+    runtime.start(host_memory=HOST_MEMORY.value, verbose=VERBOSE.value, distributed=distributed,
+                  compilation_cache=compilation_cache)
     try:
       main(argv)
     except errors as e:

@@ -5,14 +5,14 @@ metrics.jsonl on resume, eval outputs, pictures, predicted masks, the preprocess
 synthetic demo set) is written through `atomic_path`.
 """
 
+from collections.abc import Iterator
 import contextlib
 import json
 import os
 import pathlib
 import shutil
-import uuid
-from collections.abc import Iterator
 from typing import Any
+import uuid
 
 
 def _remove(path: pathlib.Path) -> None:

@@ -22,6 +22,7 @@ HOST_MEMORY_HELP = (
     'the C library\'s behaviour (ecm_jax.cpu.host_memory).')
 
 _host_memory = None  # ecm_jax.cpu.host_memory once configured (CPU processes only)
+_host_memory_in_effect = 'default'
 
 
 def accelerator_plugin_installed() -> bool:
@@ -61,14 +62,20 @@ def configure_logging(verbose: bool = False) -> None:
 def configure_host_memory(mode: str) -> str:
   """On the CPU, `ecm_jax.cpu.host_memory.configure(mode)` (may restart the command); elsewhere
   nothing. Returns the mode in effect. Call before JAX starts."""
-  global _host_memory
+  global _host_memory, _host_memory_in_effect
   if mode not in HOST_MEMORY_MODES:
     raise ValueError(f'host memory mode must be one of {HOST_MEMORY_MODES}, got {mode!r}')
   if not runs_on_cpu():
     return 'default'
   from ecm_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top  (CPU only)
   _host_memory = host_memory
-  return host_memory.configure(mode)
+  _host_memory_in_effect = host_memory.configure(mode)
+  return _host_memory_in_effect
+
+
+def host_memory_in_effect() -> str:
+  """What `configure_host_memory` set up: 'default', 'huge_pages', 'retain' or both."""
+  return _host_memory_in_effect
 
 
 def fit_host_memory(step_temp_bytes: int) -> str | None:
@@ -105,10 +112,13 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def start(*, host_memory: str = 'auto', verbose: bool = False, distributed: bool = False) -> None:
-  """Everything a process sets up before its first JAX computation, in the order it needs."""
+def start(*, host_memory: str = 'auto', verbose: bool = False, distributed: bool = False,
+          compilation_cache: bool = True) -> None:
+  """Everything a process sets up before its first JAX computation, in the order it needs.
+  (`compilation_cache=False` for the benchmarks, which measure compile times.)"""
   configure_logging(verbose)
   configure_host_memory(host_memory)  # before JAX starts its threads; may restart the command
   if distributed:
     maybe_initialize_distributed()
-  enable_compilation_cache()
+  if compilation_cache:
+    enable_compilation_cache()

@@ -67,3 +67,17 @@ def randomized(variables, seed):
 
 def random_input(shape=(2, 32, 32, 1), seed=1):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def tensorboard_events(workdir):
+  """TensorBoard's own reader over a run's event files: {'scalars': {tag: [(step, value)]},
+  'images': {tag: [(step, height, width)]}}."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(
+      str(pathlib.Path(workdir) / 'tensorboard'), size_guidance={'scalars': 0, 'images': 0})
+  events.Reload()
+  tags = events.Tags()
+  return {'scalars': {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                      for tag in tags['scalars']},
+          'images': {tag: [(e.step, e.height, e.width) for e in events.Images(tag)]
+                     for tag in tags['images']}}

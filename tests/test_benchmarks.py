@@ -3,21 +3,31 @@
 No timing claims: figures are only checked to be positive and finite. A tiny network (widths
 4..16, 32x32, conv_impl 'xla', which compiles fastest; 16x16 and a few layers for the per-op
 benchmark) and one timed round keep the runs within about a minute; compilation is most of it.
+The tests call the scripts' functions (the flags are defined only when a script runs), and run
+each script's `--helpfull` as `python -m benchmarks.<script>`.
 """
 
 import csv
 import math
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from benchmarks import inference, ops, scaling, train_step
+from benchmarks import common, inference, ops, scaling, train_step
+from configs import kits
 from ecm_jax.models import ops as jax_ops
 
-# --host_memory default: retaining would change the allocator of the whole pytest process.
-TINY = ['--features', '4,8,8,16,16', '--size', '32', '--conv_impl', 'xla', '--repeats', '1',
-        '--host_memory', 'default']
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = dict(features=(4, 8, 8, 16, 16), size=32, conv_impl='xla')  # with one timed round
+
+
+def _tiny_config(variant: str, batch: int | None = None):
+  """configs/kits.py with the VARIANTS row `variant`, on the tiny network."""
+  return common.benchmark_config(kits.get_config(), variant=variant, batch=batch, **TINY)
 
 
 def _positive(value) -> bool:
@@ -31,8 +41,9 @@ def _read_csv(path) -> list[dict]:
 
 def test_train_step_jax_vs_torch(tmp_path, capsys):
   path = tmp_path / 'train_step.csv'
-  rows = train_step.main(TINY + ['--variant', 'unet', '--batch', '2', '--gemm_size', '256',
-                                 '--torch_host_memory', 'retain', '--csv', str(path)])
+  # host memory 'default': this process's allocator is left as it is (as the script reports it).
+  rows = train_step.run([_tiny_config('unet', batch=2)], repeats=1, gemm_size=256,
+                        host_memory='default', torch_host_memory='retain', csv=str(path))
   out = capsys.readouterr().out
   assert '| variant | framework | step s |' in out
   assert 'host memory: JAX default, PyTorch retain' in out  # PyTorch in its own process
@@ -54,8 +65,8 @@ def test_train_step_jax_vs_torch(tmp_path, capsys):
 
 def test_inference_fold(tmp_path, capsys):
   path = tmp_path / 'inference.csv'
-  rows, difference, scale = inference.main(TINY + ['--variant', 'unet+ec', '--batch', '2',
-                                                   '--slices', '5', '--csv', str(path)])
+  rows, difference, scale = inference.run(_tiny_config('unet+ec'), batch=2, slices=5, repeats=1,
+                                          csv=str(path))
   out = capsys.readouterr().out
   assert '| unfolded |' in out and '| folded |' in out and 'max |folded - unfolded|' in out
   assert [r['form'] for r in rows] == ['unfolded', 'folded']
@@ -80,8 +91,9 @@ def test_scaling_worker_env_replaces_device_count(monkeypatch):
 
 def test_scaling_weak_and_strong(tmp_path, capsys):
   out_prefix = tmp_path / 'scaling'
-  scaling.main(TINY + ['--variant', 'unet', '--devices', '2', '--per_device_batch', '1',
-                       '--global_batch', '2', '--out', str(out_prefix)])
+  # The workers' host memory 'default', as before; they run `python -m benchmarks.scaling`.
+  scaling.run_parent(_tiny_config('unet'), devices=[2], per_device_batch=1, global_batch=2,
+                     repeats=1, out=out_prefix, host_memory_mode='default')
   out = capsys.readouterr().out
   assert 'simulated CPU devices' in out and 'not a speed-up claim' in out
   rows = _read_csv(f'{out_prefix}.csv')
@@ -99,8 +111,8 @@ def test_scaling_weak_and_strong(tmp_path, capsys):
 
 def test_ops_per_layer_with_torch(capsys):
   pytest.importorskip('torch')
-  rows = ops.main(['--size', '16', '--features', '4,8,8,16,16', '--repeats', '1', '--impls',
-                   'xla,gemm', '--torch', '--host_memory', 'default', '--only', r'enc1\.|aspp d6'])
+  rows = ops.run(size=16, features=(4, 8, 8, 16, 16), repeats=1, impls=['xla', 'gemm'],
+                 with_torch=True, host_memory='default', only=r'enc1\.|aspp d6')
   out = capsys.readouterr().out
   assert '| xla/torch f+b time | gemm/torch f+b time |' in out
   # enc1's convs and EC branches, and ASPP's rate 6; a shape is listed once, with its count
@@ -131,9 +143,19 @@ def test_ops_torch_conv_matches_jax():
   assert forward() is None
 
 
-@pytest.mark.parametrize('script', [train_step, inference, scaling, ops])
-def test_help_lists_the_host_memory_modes(script, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    script.parse_args(['--help'])
-  assert exit_info.value.code == 0
-  assert '--host_memory {auto,huge_pages+retain,huge_pages,retain,default}' in capsys.readouterr().out
+def test_benchmark_config_applies_the_variant_row():
+  config = _tiny_config('unet', batch=2)
+  assert config.variant == 'unet' and not config.model.ec and not config.model.mus
+  assert (config.data.image_size, config.train.batch_size) == (32, 2)
+  assert tuple(config.model.features) == (4, 8, 8, 16, 16) and config.model.conv_impl == 'xla'
+  back = common.benchmark_config(config, variant='ec_cam_unet')  # the switches reset first
+  assert back.model.ec and back.model.mus and back.variant == 'ec_cam_unet'
+  assert config.variant == 'unet'  # a copy: the argument is left as it was
+
+
+@pytest.mark.parametrize('script', ['train_step', 'inference', 'scaling', 'ops', 'input_pipeline'])
+def test_help_lists_the_host_memory_modes(script):
+  done = subprocess.run([sys.executable, '-m', f'benchmarks.{script}', '--helpfull'],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr  # absl: 1 after help
+  assert '--host_memory: <auto|huge_pages+retain|huge_pages|retain|default>' in done.stdout

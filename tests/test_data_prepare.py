@@ -11,8 +11,7 @@ import pytest
 
 from configs import default
 from ecm_jax import data
-from ecm_jax.data import preprocess
-from ecm_jax.data import readers
+from ecm_jax.data import preprocess, readers
 
 AFFINE = np.array([[0, 0, -1.5, 0], [0, -1.5, 0, 0], [-3.0, 0, 0, 0], [0, 0, 0, 1]])  # KiTS-like
 

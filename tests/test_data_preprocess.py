@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from ecm_jax.data import DataError
+from ecm_jax.data import DataError, preprocess
 from ecm_jax.data import meta as meta_lib
-from ecm_jax.data import preprocess
 
 
 def _config(**overrides):

@@ -1,4 +1,4 @@
-"""Readers, preprocessing and the write-back path on the real images in ../shared/data.
+"""Readers, preprocessing and the write-back path on small real images beside the repository (skipped when absent).
 
 Skipped when that folder is absent. Larger sets are cut to two cases through symlinks in tmp.
 The write-back tests run at an image_size >= the in-plane size, where the path is exact (see
@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from helpers import SHARED_DATA
 from configs import default
 from ecm_jax import data
+from helpers import SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f'{SHARED_DATA} is absent')
 

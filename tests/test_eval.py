@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 from configs import demo
-from ecm_jax.train import checkpoint
 from ecm_jax import data
 from ecm_jax.evaluate import evaluation
-from ecm_jax.train import train_state
 from ecm_jax.evaluate.inference import Predictor
 from ecm_jax.models.networks import build_model
-
-from helpers import REPO  # noqa: E402
+from ecm_jax.train import checkpoint, train_state
+from helpers import REPO, tensorboard_events  # noqa: E402
 
 
 def _config(tmp):
@@ -70,6 +68,9 @@ def test_evaluate_split_writes_metrics_pictures_and_nifti(run):
   assert document['num_cases'] == 1 and document['checkpoint_step'] == 1
   for name in ('per_case.csv', 'overlay_best.png', 'overlay_worst.png'):
     assert (out / name).stat().st_size > 0, name
+  images = tensorboard_events(workdir)['images']  # the pictures, at the checkpoint's step
+  assert images['eval_test/overlay_best'] == [(1, 410, 1200)]  # 4 columns of 300, a row of 330+80
+  assert set(images) == {'eval_test/overlay_best', 'eval_test/overlay_worst'}  # unet+ec: no CoA
   (case_id,) = ds.split_cases('test')
   meta = ds.case_meta(case_id)
   written = nib.load(out / 'predictions' / f'{case_id}.nii.gz')
@@ -104,6 +105,7 @@ def test_bad_inputs_have_clear_messages(run, tmp_path):
   other.model.features = (8, 8, 8, 16, 16)
   with pytest.raises(checkpoint.WorkdirError, match=r'different model config.*\n  model.features'):
     Predictor(workdir, config=other)
+  assert Predictor(workdir, config=config).step == 1  # the training config, tuples and all
   with pytest.raises(checkpoint.WorkdirError, match=r"no checkpoint '7'.*have best, latest, 1"):
     Predictor(workdir, '7')
   flat = tmp_path / 'flat.nii.gz'

@@ -13,7 +13,6 @@ import pytest
 
 from ecm_jax import runtime
 from ecm_jax.cpu import host_memory
-
 from helpers import REPO  # noqa: E402
 
 

@@ -7,15 +7,23 @@ compared in eval mode with randomised parameters and BatchNorm statistics.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
 
 from ecm_jax.models.aspp import ImagePooling, MultiScale
-from ecm_jax.models.attention import (CBAM, AttentionGate, ChannelAttention, ChannelCorrelation,
-                               CollaborativeAttention, DualAttention, PositionAttention,
-                               SpatialCorrelation, SqueezeExcitation)
+from ecm_jax.models.attention import (
+  CBAM,
+  AttentionGate,
+  ChannelAttention,
+  ChannelCorrelation,
+  CollaborativeAttention,
+  DualAttention,
+  PositionAttention,
+  SpatialCorrelation,
+  SqueezeExcitation,
+)
 from ecm_jax.models.bottleneck import CoAGMuSFu
 from ecm_jax.models.layers import BatchNorm, Conv2D, PatchUpsample
 from ecm_jax.models.side_output import SideOutput

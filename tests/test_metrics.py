@@ -4,9 +4,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from medpy.metric import binary as medpy_binary
 import numpy as np
 import pytest
-from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from ecm_jax.evaluate import metrics

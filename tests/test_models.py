@@ -17,12 +17,20 @@ import pytest
 
 from configs.default import VARIANTS, get_config
 from ecm_jax.models.attention import SqueezeExcitation
-from ecm_jax.train.losses import segmentation_loss
 from ecm_jax.models.networks import attention_maps, build_model, init_variables
-from ecm_jax.models.summary import summary_table
 from ecm_jax.models.side_output import SideOutput
-from helpers import (GRADIENT_ROWS, REPO, abstract_variables, random_input, randomized,
-                     run_fast, small_config)
+from ecm_jax.models.summary import summary_table
+from ecm_jax.train.losses import segmentation_loss
+from helpers import (
+  GRADIENT_ROWS,
+  REPO,
+  abstract_variables,
+  random_input,
+  randomized,
+  run_fast,
+  small_config,
+)
+
 
 def param_paths(config):
   return set(flax.traverse_util.flatten_dict(abstract_variables(build_model(config))['params']))
@@ -183,7 +191,7 @@ def test_bad_model_config_raises_a_clear_error(overrides, message):
 def test_attention_maps_have_the_documented_shapes():
   model = build_model(small_config())
   x = random_input((2, 64, 64, 1))
-  variables = randomized(abstract_variables(model, x.shape), seed=0)
+  variables = randomized(abstract_variables(model), seed=0)
   outputs, state = run_fast(
       lambda v, x: model.apply(v, x, train=False, mutable=['intermediates']), variables, x)
   maps = attention_maps(state['intermediates'])
@@ -308,7 +316,7 @@ def test_paper_shape_forward_of_the_full_model():
   assert config.features == (64, 128, 256, 512, 1024)
   model = build_model(config)
   x = random_input((1, 512, 512, 1))
-  variables = randomized(abstract_variables(model, x.shape), seed=0)
+  variables = randomized(abstract_variables(model), seed=0)
   outputs = run_fast(lambda v, x: model.apply(v, x, train=False), variables, x)
   assert outputs['logits'].shape == outputs['side_logits'].shape == (1, 512, 512, 1)
   assert np.isfinite(outputs['logits']).all() and np.isfinite(outputs['side_logits']).all()

@@ -1,4 +1,4 @@
-"""ecm_jax.ops: every conv implementation computes lax.conv's function and gradients; the patch
+"""ecm_jax.models.ops and ecm_jax.cpu.conv: every conv implementation computes lax.conv's function and gradients; the patch
 upsampling and the max-pool equal their library / PyTorch references. No timing here
 (speed: benchmarks/ops.py).
 
@@ -8,11 +8,12 @@ same size times the largest reference entry (sums of up to ~2000 products reorde
 
 import flax.linen as nn
 import jax
+from jax import export, lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export, lax
 
+from ecm_jax.cpu import conv as cpu_conv
 from ecm_jax.models import ops
 
 
@@ -96,8 +97,8 @@ def test_gemm_forward_and_gradients_equal_xla(case):
 # With 3 shifted channels all taps share one matmul per chunk; with 40, they are stacked by three.
 @pytest.mark.parametrize('case', [c for c in CASES[:10] if c[3] == 24], ids=_ids)
 def test_gemm_chunked_weight_gradient_equals_xla(case, monkeypatch):
-  monkeypatch.setattr(ops, '_DW_CHUNK_MIN_ROWS', 0)
-  monkeypatch.setattr(ops, '_DW_CHUNK_BYTES', 1)
+  monkeypatch.setattr(cpu_conv, '_DW_CHUNK_MIN_ROWS', 0)
+  monkeypatch.setattr(cpu_conv, '_DW_CHUNK_BYTES', 1)
   _check_gemm_equals_xla(case, jit=True)
 
 
@@ -128,8 +129,10 @@ def test_auto_resolves_to_gemm_on_cpu():
   assert ops.resolve_impl('xla', 'cpu') == 'xla' and ops.resolve_impl('gemm', 'tpu') == 'gemm'
 
 
-def test_auto_is_chosen_by_the_lowering_platform():
-  """'auto' lowers to the matmul weight gradient for CPU and to lax.conv's for GPU/TPU.
+def test_impl_decides_the_lowered_kernels_and_auto_is_resolved_from_the_backend():
+  """'xla' lowers to lax.conv's weight gradient for every platform, 'gemm' to matmuls; 'auto' is
+  resolved once from the default backend (here the CPU: 'gemm'), so a model built for a GPU or
+  TPU ('auto' resolved there to 'xla') never traces the CPU kernels.
 
   jax.export lowers for a platform without needing its devices; the kernel gradient of 'xla' is a
   convolution, that of 'gemm' is not.
@@ -144,7 +147,8 @@ def test_auto_is_chosen_by_the_lowering_platform():
   assert kernel_grad_convs('gemm', 'cpu') == 0
   assert kernel_grad_convs('auto', 'cpu') == 0
   for platform in ('cuda', 'rocm', 'tpu'):
-    assert kernel_grad_convs('auto', platform) == kernel_grad_convs('xla', platform) > 0
+    resolved = ops.resolve_impl('auto', platform)
+    assert kernel_grad_convs(resolved, platform) == kernel_grad_convs('xla', platform) > 0
   _close(jax.grad(lambda k: jnp.vdot(ops.conv2d(x, k), r))(kernel),
          jax.grad(lambda k: jnp.vdot(ops.conv2d(x, k, impl='xla'), r))(kernel), 1e-4)
 

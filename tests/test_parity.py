@@ -16,7 +16,7 @@ pool only adds overhead at these shapes), and the full-width run starts in a sub
 module begins, beside the rest.
 
 Relative error of a quantity: max|JAX - PyTorch| / max|PyTorch| (for gradients against at least
-`parity.GRADIENT_FLOOR` x the model's largest gradient entry; see ecm_jax/parity.py). Asserted:
+`parity.GRADIENT_FLOOR` x the model's largest gradient entry; see ecm_jax/torch_ref/parity.py). Asserted:
   * loss <= 1e-5; every block output (eval and train) <= 1e-5, every gradient <= 1e-4 and every
     BatchNorm statistic after 10 steps <= 1e-4, each unless PyTorch float32 itself misses the
     float64 value by more than tolerance / ROUNDING_FACTOR (ill-conditioned train-mode BatchNorm
@@ -44,15 +44,19 @@ torch = pytest.importorskip(
     'JAX-vs-PyTorch parity tests need it')
 
 from configs.default import VARIANTS, get_config  # noqa: E402
-from ecm_jax.train import checkpoint  # noqa: E402
-from ecm_jax.torch_ref import parity  # noqa: E402
-from ecm_jax.train import train_state  # noqa: E402
 from ecm_jax.models.fold import fold_ec  # noqa: E402
 from ecm_jax.models.networks import FAST_COMPILE_OPTIONS, build_model, init_variables  # noqa: E402
-from ecm_jax.torch_ref import convert  # noqa: E402
+from ecm_jax.torch_ref import (
+  convert,  # noqa: E402
+  parity,  # noqa: E402
+)
 from ecm_jax.torch_ref.models import build_torch_model  # noqa: E402
-
+from ecm_jax.train import (
+  checkpoint,  # noqa: E402
+  train_state,  # noqa: E402
+)
 from helpers import REPO  # noqa: E402
+
 # mus_rates: at 32x32 the bottleneck is 2x2, where a 3x3 conv of dilation >= 2 reads only its
 # centre tap (the paper's 6, 12, 18 would all be 1x1 convs); dilation 1 keeps one a real 3x3.
 TINY = dict(features=(4, 8, 8, 16, 16), mus_channels=4, mus_rates=(1, 2, 3), side_features=(8, 4, 4),
@@ -99,7 +103,7 @@ def single_threaded_torch():
 
 
 def save_checkpoint(config, variables, directory, step=0):
-  """A training checkpoint (`ecm_jax.checkpoint`) of `variables`, Adam state at zero."""
+  """A training checkpoint (`ecm_jax.train.checkpoint`) of `variables`, Adam state at zero."""
   tx = train_state.make_optimizer(config, 1)
   state = train_state.state_from_variables(variables, tx).replace(
       step=jnp.asarray(step, jnp.int32))

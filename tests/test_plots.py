@@ -4,9 +4,9 @@ import json
 
 import jax
 import jax.numpy as jnp
+from matplotlib import image as mpl_image
 import numpy as np
 import pytest
-from matplotlib import image as mpl_image
 
 from ecm_jax.evaluate import plots
 
@@ -102,18 +102,18 @@ def assert_on_square_boundary(rows, cols, top, left, size, tolerance):
 
 
 def test_overlay_draws_both_contours_on_the_mask_boundaries(tmp_path):
-  size = 64
-  label, pred = square((size, size), 10, 12, 20), square((size, size), 36, 30, 18)
-  out = plots.overlay(np.zeros((size, size)), label, pred, tmp_path / 'overlay.png',
-                      'case 1 slice 2', subtitle='synthetic demo data')
+  size = 32
+  label, pred = square((size, size), 5, 6, 10), square((size, size), 18, 15, 9)
+  out = plots.overlay_grid([np.zeros((size, size))], [label], [pred], tmp_path / 'overlay.png',
+                           ['case 1 slice 2'], 'best', subtitle='synthetic demo data')
   rgb = read_png(out)
-  assert rgb.shape == (680, 600, 3)
+  assert rgb.shape == (410, 300, 3)  # one column of 300 pixels, one row of 330 + 80
   extent = image_extent(rgb)
   assert extent[1] - extent[0] == pytest.approx(extent[3] - extent[2], abs=2)  # square pixels
   tolerance = 0.6  # data pixels; the 1.5 pt line is about 0.25 data pixels wide here
-  assert_on_square_boundary(*drawn_in_data_coordinates(rgb, extent, size, is_green), 10, 12, 20,
+  assert_on_square_boundary(*drawn_in_data_coordinates(rgb, extent, size, is_green), 5, 6, 10,
                             tolerance)
-  assert_on_square_boundary(*drawn_in_data_coordinates(rgb, extent, size, is_magenta), 36, 30, 18,
+  assert_on_square_boundary(*drawn_in_data_coordinates(rgb, extent, size, is_magenta), 18, 15, 9,
                             tolerance)
   legend = rgb[extent[1]:]  # below the slice
   assert is_green(legend).any() and is_magenta(legend).any()
@@ -127,7 +127,8 @@ def test_overlay_grid_size_and_shape_errors(tmp_path):
   assert read_png(out).shape == (740, 900, 3)  # 3 columns x 300, 2 rows x 330 + 80
   with pytest.raises(ValueError, match=r'^image and masks must be 2D of one shape, got \(32, 32\), '
                                        r'\(32, 32\), \(16, 16\)$'):
-    plots.overlay(images[0], masks[0], np.zeros((16, 16)), tmp_path / 'bad.png', 'bad')
+    plots.overlay_grid(images[:1], masks[:1], [np.zeros((16, 16))], tmp_path / 'bad.png', ['bad'],
+                       'bad')
   with pytest.raises(ValueError, match=r'^need as many images, labels, preds and panel_titles'):
     plots.overlay_grid(images, masks, masks, tmp_path / 'bad.png', ['one'], 'bad')
   assert not (tmp_path / 'bad.png').exists()

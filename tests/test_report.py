@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from ecm_jax.evaluate import metrics
-from ecm_jax.evaluate import report
+from ecm_jax.evaluate import metrics, report
 from helpers import REPO
 
 # Four slices: TP, FP, FN, TN. Pooled: TP 15, FP 6, FN 8 -> DSC 30/44, sens 15/23, prec 15/21.

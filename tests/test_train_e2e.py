@@ -16,12 +16,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
-from ecm_jax.train import checkpoint
+from ecm_jax import runtime
 from ecm_jax.cpu import host_memory
+from ecm_jax.train import checkpoint, step
 from ecm_jax.train import loop as trainer
-from ecm_jax.train import step
-
-from helpers import REPO  # noqa: E402
+from helpers import REPO, tensorboard_events  # noqa: E402
 
 # A tiny full EC-CaM-UNet on the synthetic demo data: every feature on, a few seconds a step.
 TINY = {
@@ -101,6 +100,40 @@ def test_uninterrupted_run_writes_everything(uninterrupted):
   assert json.loads((workdir / 'config.json').read_text())['train']['max_steps'] == 12
 
 
+def test_tensorboard_holds_the_metrics_and_throughput(uninterrupted):
+  _, workdir = uninterrupted
+  scalars = tensorboard_events(workdir)['scalars']
+  losses = _losses(workdir)
+  # The same values as metrics.jsonl (TensorBoard stores float32).
+  assert [(s, pytest.approx(v, rel=1e-6)) for s, v in scalars['train/loss']] == \
+      [(s, losses[s]) for s in sorted(losses)]
+  for tag in ('train/lr', 'train/grad_norm', 'train/loss_main', 'val/dice'):
+    assert scalars[tag], tag
+  assert [s for s, _ in scalars['val/dice']] == [
+      json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+      if 'val/dice' in l]
+  for tag in ('perf/images_per_s', 'perf/step_s'):
+    assert all(v > 0 for _, v in scalars[tag]), tag
+  assert all(0 <= v <= 1 for _, v in scalars['perf/data_wait_share'])
+
+
+def test_progress_is_one_line_per_log_step_without_a_terminal(uninterrupted, tmp_path):
+  tmp, _ = uninterrupted
+  # Two grain workers: their shared memory is released when the run ends (no leak warning).
+  result = subprocess.run(_train_cmd(tmp, tmp_path / 'w', '--config.train.max_steps=4',
+                                     '--config.train.log_every_steps=2',
+                                     '--config.data.num_workers=2'),
+                          env=_env(tmp), capture_output=True, text=True, check=True)
+  assert '\r' not in result.stderr
+  lines = [l for l in result.stderr.splitlines() if ' steps/s, ETA ' in l]
+  assert [l.split(':')[0].split()[-1] for l in lines] == ['2/4', '4/4'], result.stderr
+  assert all('loss ' in l and 'data wait ' in l for l in lines)
+  # Our INFO lines are shown; library noise is not.
+  assert 'preprocessing cache' in result.stderr
+  for noise in ('tracked_metric', 'leaked shared_memory', 'Traceback'):
+    assert noise not in result.stderr, noise
+
+
 def test_sigkill_then_resume_gives_the_same_run(uninterrupted):
   tmp, full = uninterrupted
   workdir = tmp / 'killed'
@@ -172,12 +205,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 
 def test_trainer_fits_host_memory_to_its_compiled_step(tmp_path, monkeypatch, capsys):
-  """The trainer hands its compiled step's temporaries to `host_memory.fit_to_memory` once,
-  before the first step, prints what it says, and trains with that compiled step."""
+  """On a CPU process configured for host memory, the trainer hands its compiled step's
+  temporaries to `host_memory.fit_to_memory` once, before the first step, prints what it says,
+  and trains with that compiled step."""
   config = demo.get_config('unet')
   config.update_from_flattened_dict(dict(TINY, **{'data.cache_dir': str(tmp_path / 'cache'),
                                                   'train.max_steps': 2}))
   seen = []
+  monkeypatch.setattr(runtime, '_host_memory', host_memory)  # as runtime.start leaves a CPU process
   monkeypatch.setattr(host_memory, 'fit_to_memory',
                       lambda temp_bytes: seen.append(temp_bytes) or 'host memory: (test) stopped')
   trainer.train_and_evaluate(config, tmp_path / 'w')

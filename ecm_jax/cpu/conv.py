@@ -22,8 +22,8 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from ecm_jax.models.ops import conv_xla
 

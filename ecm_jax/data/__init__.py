@@ -1,4 +1,4 @@
-"""Data: dataset readers, the preprocessing cache, splits and the grain input pipeline (SPEC 2).
+"""Data: dataset readers, the preprocessing cache, splits and the grain input pipeline (Section IV-A).
 
     ds = data.prepare(config.data, split_file=run_dir / 'splits.json')
     it = data.train_iterator(ds, config.data, batch_size=4, seed=config.seed)
@@ -9,17 +9,11 @@
 Every bad input raises `DataError` (a ValueError) naming the file and the problem.
 """
 
-from ecm_jax.data.dataset import check_config
-from ecm_jax.data.dataset import prepare
-from ecm_jax.data.dataset import PreparedDataset
-from ecm_jax.data.dataset import SliceSource
-from ecm_jax.errors import DataError
-from ecm_jax.data.export import load_scan
-from ecm_jax.data.export import write_prediction
+from ecm_jax.data.dataset import PreparedDataset, SliceSource, check_config, prepare
+from ecm_jax.data.export import load_scan, write_prediction
 from ecm_jax.data.meta import CaseMeta
-from ecm_jax.data.pipeline import eval_batches
-from ecm_jax.data.pipeline import steps_per_epoch
-from ecm_jax.data.pipeline import train_iterator
+from ecm_jax.data.pipeline import eval_batches, steps_per_epoch, train_iterator
+from ecm_jax.errors import DataError
 
 __all__ = [
     'CaseMeta', 'DataError', 'PreparedDataset', 'SliceSource', 'check_config', 'eval_batches',

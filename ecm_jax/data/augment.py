@@ -1,4 +1,4 @@
-"""The paper's training augmentation (SPEC 2): draw a random transform, then apply it to a slice.
+"""The paper's training augmentation (Section IV-C): draw a random transform, then apply it to a slice.
 
 Horizontal flip and rotation move image and mask together (bilinear for the image, nearest for the
 mask, edges replicated for both, so they stay aligned); Gaussian blur touches the image only.

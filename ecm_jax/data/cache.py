@@ -21,8 +21,7 @@ import tqdm
 
 from ecm_jax import files
 from ecm_jax.data import meta as meta_lib
-from ecm_jax.data import preprocess
-from ecm_jax.data import readers
+from ecm_jax.data import preprocess, readers
 from ecm_jax.errors import DataError
 
 _log = logging.getLogger(__name__)

@@ -4,11 +4,8 @@ import pathlib
 
 import numpy as np
 
-from ecm_jax.data import cache
+from ecm_jax.data import cache, readers, splits, synthetic
 from ecm_jax.data import meta as meta_lib
-from ecm_jax.data import readers
-from ecm_jax.data import splits
-from ecm_jax.data import synthetic
 from ecm_jax.errors import DataError
 
 _CHOICES = {

@@ -13,10 +13,8 @@ import pathlib
 import nibabel as nib
 import numpy as np
 
-from ecm_jax.data import dataset
+from ecm_jax.data import dataset, preprocess, readers
 from ecm_jax.data import meta as meta_lib
-from ecm_jax.data import preprocess
-from ecm_jax.data import readers
 from ecm_jax.errors import DataError
 
 

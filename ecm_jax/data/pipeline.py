@@ -26,8 +26,9 @@ class Augment(grain.transforms.RandomMap):
 
 
 def steps_per_epoch(ds, batch_size: int, shard_count: int = 1) -> int:
-  """Steps in which every process sees (about) its shard of the train slices once."""
-  return max(1, len(ds.source('train')) // (batch_size * shard_count))
+  """Steps in which every process sees (about) its shard of the train slices once (0 when the
+  split holds less than one batch per process)."""
+  return len(ds.source('train')) // (batch_size * shard_count)
 
 
 def train_iterator(ds, config, *, batch_size: int, seed: int, shard_index: int = 0,
@@ -52,8 +53,14 @@ def train_iterator(ds, config, *, batch_size: int, seed: int, shard_index: int =
       grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
   if config.num_workers:
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=config.num_workers))
+        grain.MultiprocessingOptions(num_workers=config.num_workers)).map(_owned)
   return iter(iter_dataset)
+
+
+def _owned(batch: dict) -> dict:
+  """A worker's batch copied out of its shared memory, which is then released at once: a batch
+  still held at exit (the device may keep a view of it) would leak the segment."""
+  return {key: np.array(value) for key, value in batch.items()}
 
 
 def eval_batches(ds, split: str, batch_size: int):

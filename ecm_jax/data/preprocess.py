@@ -1,4 +1,4 @@
-"""Pure array preprocessing: intensity normalisation, label mapping and slice resizing (SPEC 2).
+"""Pure array preprocessing: intensity normalisation, label mapping and slice resizing (Section IV-A).
 
 Resizing uses pixel-centre alignment: output pixel `o` of `n_out` samples input position
 `(o + 0.5) * n_in / n_out - 0.5`. Nearest-neighbour resizing up to a size at least as large and back

@@ -1,6 +1,6 @@
 """Evaluation of a trained run on a split, and prediction on new scans (what eval.py runs).
 
-Metrics (see ecm_jax/metrics.py for the empty-mask rules):
+Metrics (see ecm_jax/evaluate/metrics.py for the empty-mask rules):
 - pooled DSC / sensitivity / precision over every pixel of the split's slices at the network's
   resolution (`data.image_size`): the paper's eqs. (14)-(16);
 - per-slice means over slices with foreground;
@@ -14,14 +14,11 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from ecm_jax import data
-from ecm_jax import files
-from ecm_jax.evaluate import metrics
-from ecm_jax.evaluate import plots
-from ecm_jax.evaluate import report
-from ecm_jax.data import preprocess
-from ecm_jax.data import readers
+from ecm_jax import data, files
+from ecm_jax.data import preprocess, readers
+from ecm_jax.evaluate import metrics, plots, report
 from ecm_jax.evaluate.inference import Predictor
+from ecm_jax.train import logs
 
 NUM_PICTURE_SLICES = 4  # best and worst test slices shown in the overlay pictures
 
@@ -70,12 +67,17 @@ def evaluate_split(predictor: Predictor, ds, split: str, out_dir: pathlib.Path, 
   document = report.metrics_document(slice_counts, case_rows, split=split,
                                      checkpoint_step=predictor.step)
   report.write_eval_outputs(out_dir, document, case_rows)
-  _pictures(predictor, ds, pictures, slice_counts, out_dir)
+  written = _pictures(predictor, ds, pictures, slice_counts, out_dir)
+  logs.add_images(predictor.workdir, predictor.step,
+                  {f'eval_{split}/{path.stem}': path for path in written})
   return document
 
 
-def _pictures(predictor: Predictor, ds, pictures, slice_counts, out_dir: pathlib.Path) -> None:
-  """Overlays of the best and worst slices, the CoA attention map of the best, learning curves."""
+def _pictures(predictor: Predictor, ds, pictures, slice_counts,
+              out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Overlays of the best and worst slices, the CoA attention map of the best, learning curves;
+  returns the PNG paths written."""
+  written = []
   note = 'SYNTHETIC demo data' if ds.synthetic else None
   best, worst = plots.best_and_worst_slices(slice_counts, NUM_PICTURE_SLICES)
   for name, chosen in (('best', best), ('worst', worst)):
@@ -89,20 +91,21 @@ def _pictures(predictor: Predictor, ds, pictures, slice_counts, out_dir: pathlib
       labels.append(case_labels[k])
       preds.append(predictor.predict(np.asarray(case_images[k:k + 1]))[0])
       titles.append(f'{case_id}\nslice {k}: Dice {float(metrics.dice(counts)):.3f}')
-    plots.overlay_grid(images, labels, preds, out_dir / f'overlay_{name}.png', titles,
+    written.append(plots.overlay_grid(images, labels, preds, out_dir / f'overlay_{name}.png', titles,
                        f'{name.capitalize()} slices (green: ground truth, magenta: prediction)',
-                       subtitle=note)
+                       subtitle=note))
   model = predictor.config.model
   if len(best) and model.name == 'ec_cam_unet' and (model.cc or model.sc):  # CoA present
     case_id, k, _ = pictures[best[0]]
     case_images, case_labels = ds.case_arrays(case_id)
     coa_output = predictor.attention(np.asarray(case_images[k]))['coa_output']
-    plots.attention_map(case_images[k, ..., 0], coa_output, out_dir / 'attention.png',
-                        f'CoA activation |F_A|, {case_id} slice {k}', label=case_labels[k],
-                        subtitle=note)
+    written.append(plots.attention_map(
+        case_images[k, ..., 0], coa_output, out_dir / 'attention.png',
+        f'CoA activation |F_A|, {case_id} slice {k}', label=case_labels[k], subtitle=note))
   jsonl = predictor.workdir / 'metrics.jsonl'
   if jsonl.exists():
     plots.learning_curves(jsonl, out_dir / 'learning_curves.png', subtitle=note)
+  return written
 
 
 def scan_paths(path) -> list[pathlib.Path]:

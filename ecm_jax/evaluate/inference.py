@@ -8,10 +8,9 @@ import ml_collections
 import numpy as np
 
 from ecm_jax import config as config_lib
-from ecm_jax.train import checkpoint
-from ecm_jax.train import step
 from ecm_jax.models.fold import fold_ec, has_ec_blocks
 from ecm_jax.models.networks import attention_maps, build_model
+from ecm_jax.train import checkpoint, step
 
 
 def batched_logits(logits_fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:

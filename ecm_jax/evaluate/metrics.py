@@ -19,8 +19,8 @@ Empty masks, a deliberate choice (medpy 0.5.2 differs where noted):
   mean, std and median of the rest.
 """
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
+import math
 
 import jax
 import jax.numpy as jnp

@@ -7,15 +7,15 @@ synthetic demo data must say so: pass a `subtitle` (e.g. 'synthetic demo data'),
 the title.
 """
 
+from collections.abc import Sequence
 import json
 import math
 import pathlib
-from collections.abc import Sequence
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+import numpy as np
 
 from ecm_jax import files
 from ecm_jax.evaluate import metrics
@@ -44,7 +44,7 @@ def _save(fig: Figure, out_png) -> pathlib.Path:
   return out
 
 
-# --- Learning curves -----------------------------------------------------------------------------
+# --- Learning curves ------------------------------------------------------------------------------
 
 def read_metrics_jsonl(path) -> list[dict]:
   """The records of a `metrics.jsonl` (one JSON object per line; blank lines skipped)."""
@@ -115,7 +115,7 @@ def learning_curves(metrics_jsonl_path, out_png, *, title: str = 'Learning curve
   return _save(fig, out_png)
 
 
-# --- Overlays ------------------------------------------------------------------------------------
+# --- Overlays -------------------------------------------------------------------------------------
 
 def _check_slices(image: np.ndarray, *masks: np.ndarray) -> None:
   if image.ndim != 2 or any(m.shape != image.shape for m in masks):
@@ -144,21 +144,9 @@ def _contour_legend() -> list[Line2D]:
           Line2D([], [], color=PRED_COLOR, linewidth=2, label='prediction')]
 
 
-def overlay(image, label, pred, out_png, title: str, *,
-            subtitle: str | None = None) -> pathlib.Path:
-  """One slice (H, W) in grey with the ground-truth and predicted contours; 600 x 680 pixels."""
-  fig = _figure(6, 6.8)
-  ax = fig.subplots()
-  _draw_overlay(ax, image, label, pred)
-  ax.legend(handles=_contour_legend(), loc='upper center', bbox_to_anchor=(0.5, 0.0), ncol=2,
-            frameon=False)
-  _set_titles(fig, title, subtitle)
-  return _save(fig, out_png)
-
-
 def overlay_grid(images, labels, preds, out_png, panel_titles: Sequence[str], title: str, *,
                  subtitle: str | None = None, columns: int = 4) -> pathlib.Path:
-  """Slices as `overlay` panels, `columns` per row; 300 pixels per column, 330 per row + 80."""
+  """Slices in grey with the ground-truth and predicted contours, `columns` per row; 300 pixels per column, 330 per row + 80."""
   if not len(images) == len(labels) == len(preds) == len(panel_titles) > 0:
     raise ValueError(f'need as many images, labels, preds and panel_titles (at least one), got '
                      f'{len(images)}, {len(labels)}, {len(preds)}, {len(panel_titles)}')
@@ -190,7 +178,7 @@ def best_and_worst_slices(slice_counts, count: int) -> tuple[np.ndarray, np.ndar
   return best, ranked[len(best):][::-1][:count]
 
 
-# --- Attention maps (the paper's Fig. 6; Fig. 5 in paper/001_*.txt) -----------------------------
+# --- Attention maps (the paper's attention figure, Section IV-F) ----------------------------------
 
 def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source indices and weight of the upper one for linear resizing with half-pixel centres."""

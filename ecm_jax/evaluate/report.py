@@ -6,7 +6,7 @@ reads each run's `config.json` (the resolved config, written by train.py) and
 `eval/<split>/metrics.json` (written by eval.py), and prints one table: a row per model variant
 (`config.variant`), a column group per dataset, cells the pooled DSC / sensitivity / precision in %
 (eqs. 16, 15, 14). Below a run row of U-Net, Attention U-Net or EC-CaM-UNet comes the paper's
-reported DSC (SPEC section 5, Table I) in the dataset columns the paper has.
+reported DSC (Table I, Section IV-E) in the dataset columns the paper has.
 
 Dataset columns, from `config.data`: nih_pancreas -> TCIA; msd with modality ct -> MSD (Task07
 Pancreas); msd with modality mri -> Cardiac (Task02 Heart); kits19 -> KiTS; any other dataset
@@ -31,12 +31,13 @@ Pancreas); msd with modality mri -> Cardiac (Task02 Heart); kits19 -> KiTS; any 
     S = {"mean": m, "std": s, "median": q, "count": n_present, "missing": n_missing}
 
 Ratios are fractions in [0, 1]; std is the population std (ddof 0). Undefined values (see the
-empty-mask rules in `ecm_jax.metrics`) are missing: skipped by the summaries, counted in
+empty-mask rules in `ecm_jax.evaluate.metrics`) are missing: skipped by the summaries, counted in
 "missing", written as null (the file is strict JSON). `per_case.csv` beside it has one row per
 case: the columns of the case rows given (e.g. case, dice, sensitivity, precision, hd95_mm),
 missing values left empty.
 """
 
+from collections.abc import Mapping, Sequence
 import csv
 import dataclasses
 import io
@@ -44,16 +45,15 @@ import json
 import math
 import pathlib
 import sys
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ecm_jax import files
+from ecm_jax import files, tables
 from ecm_jax.errors import UserError
 from ecm_jax.evaluate import metrics
 
 PAPER_DATASETS = ('TCIA', 'MSD', 'KiTS', 'Cardiac')  # Table I's column order
-# SPEC section 5 (Table I): DSC % reported by the paper, by variant.
+# Table I (Section IV-E): DSC % reported by the paper, by variant.
 PAPER_DSC = {
     'unet': ('U-Net', {'TCIA': 67.80, 'MSD': 65.35, 'KiTS': 93.83, 'Cardiac': 74.41}),
     'attention_unet': ('Attention U-Net',
@@ -68,7 +68,7 @@ class ReportError(UserError):
   """A run folder cannot be reported (no config, no eval metrics, malformed files, ...)."""
 
 
-# --- The eval outputs ----------------------------------------------------------------------------
+# --- The eval outputs -----------------------------------------------------------------------------
 
 def _missing_as_none(value):
   if isinstance(value, Mapping):
@@ -142,23 +142,22 @@ def _mean_std(summary: Mapping, scale: float, decimals: int) -> str:
 
 def summary_table(document: Mapping) -> str:
   """A markdown summary of one `metrics_document`: pooled, per-slice and per-case rows."""
-  header = (f'| {document["split"]}: {document["num_cases"]} cases, '
-            f'{document["num_slices"]} slices | DSC % | Sensitivity % | Precision % | HD95 mm |')
+  header = (f'{document["split"]}: {document["num_cases"]} cases, '
+            f'{document["num_slices"]} slices', 'DSC %', 'Sensitivity %', 'Precision %', 'HD95 mm')
   ratio_names = metrics.RATIO_METRICS
-  pooled = ' | '.join(_percent(document['pooled'][m]) for m in ratio_names)
-  per_slice = ' | '.join(_mean_std(document['per_slice'][m], 100, 2) for m in ratio_names)
-  per_case = ' | '.join(_mean_std(document['per_case'][m], 100, 2) for m in ratio_names)
-  return '\n'.join([
-      header,
-      '|---|---:|---:|---:|---:|',
-      f'| pooled over all slices (paper, eqs. 14-16) | {pooled} | {NOT_AVAILABLE} |',
-      f'| per slice with foreground ({document["per_slice"]["num_slices"]}), mean ± std '
-      f'| {per_slice} | {NOT_AVAILABLE} |',
-      f'| per case (3D), mean ± std | {per_case} | {_mean_std(document["hd95_mm"], 1, 2)} |',
-  ]) + '\n'
+  rows = [
+      ('pooled over all slices (paper, eqs. 14-16)',
+       *(_percent(document['pooled'][m]) for m in ratio_names), NOT_AVAILABLE),
+      (f'per slice with foreground ({document["per_slice"]["num_slices"]}), mean ± std',
+       *(_mean_std(document['per_slice'][m], 100, 2) for m in ratio_names), NOT_AVAILABLE),
+      ('per case (3D), mean ± std',
+       *(_mean_std(document['per_case'][m], 100, 2) for m in ratio_names),
+       _mean_std(document['hd95_mm'], 1, 2)),
+  ]
+  return tables.markdown_table(header, rows, 'lrrrr') + '\n'
 
 
-# --- Collecting runs -----------------------------------------------------------------------------
+# --- Collecting runs ------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
@@ -235,24 +234,23 @@ def results_table(results: Sequence[RunResult], split: str) -> str:
   variants = list(dict.fromkeys(r.variant for r in results))
 
   columns = [f'{dataset} {label}' for dataset in datasets for _, label in CELL_METRICS]
-  lines = [f'Pooled DSC / sensitivity / precision (%) on the {split} split, over all pixels of all '
-           f'slices (eqs. 16, 15, 14).', '',
-           '| Model | ' + ' | '.join(columns) + ' |',
-           '|---|' + '---:|' * len(columns)]
+  rows = []
   for variant in variants:
-    row = []
+    row = [variant]
     for dataset in datasets:
       run = cells.get((variant, dataset))
       row += [NOT_AVAILABLE if run is None else _percent(run.pooled[m]) for m, _ in CELL_METRICS]
-    lines.append(f'| {variant} | ' + ' | '.join(row) + ' |')
+    rows.append(row)
     paper_name, paper_dsc = PAPER_DSC.get(variant, (None, {}))
     if any(d in paper_dsc for d in datasets):
-      row = []
+      row = [f'{paper_name} (paper, DSC)']
       for dataset in datasets:
         dsc = f'{paper_dsc[dataset]:.2f}' if dataset in paper_dsc else NOT_AVAILABLE
         row += [dsc] + [NOT_AVAILABLE] * (len(CELL_METRICS) - 1)
-      lines.append(f'| {paper_name} (paper, DSC) | ' + ' | '.join(row) + ' |')
-  return '\n'.join(lines) + '\n'
+      rows.append(row)
+  return (f'Pooled DSC / sensitivity / precision (%) on the {split} split, over all pixels of all '
+          f'slices (eqs. 16, 15, 14).\n\n'
+          + tables.markdown_table(['Model', *columns], rows, 'l' + 'r' * len(columns)) + '\n')
 
 
 def write_results_table(run_dirs: Sequence, split: str = 'test', out=None) -> str:

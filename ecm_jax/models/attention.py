@@ -10,11 +10,17 @@ float64 in a float64 model). CC, SC and CoA `sow` their maps into the 'intermedi
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
-from ecm_jax.models.layers import (Conv1D, Conv2D, ConvBNReLU, LayerSettings, PatchUpsample1D,
-                            at_least_float32)
+from ecm_jax.models.layers import (
+  Conv1D,
+  Conv2D,
+  ConvBNReLU,
+  LayerSettings,
+  PatchUpsample1D,
+  at_least_float32,
+)
 
 
 class ChannelCorrelation(nn.Module):

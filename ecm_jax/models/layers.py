@@ -16,8 +16,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from ecm_jax.models import ops
 
@@ -215,7 +215,7 @@ class BatchNorm(nn.Module):
 
 
 class ConvBNReLU(nn.Module):
-  """The plain conv block of U-Net: Conv (no bias, BN follows) -> BatchNorm -> ReLU (SPEC 1)."""
+  """The plain conv block of U-Net: Conv (no bias, BN follows) -> BatchNorm -> ReLU (Section III)."""
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   dilation: int = 1

@@ -19,8 +19,8 @@ Summary table (parameters, forward GFLOPs per image from XLA cost analysis, outp
   python -m ecm_jax.models.networks --config configs/kits.py [--variants unet,ec_cam_unet]
 """
 
-import functools
 from collections.abc import Mapping, Sequence
+import functools
 
 import flax
 import flax.linen as nn
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ecm_jax.models import ops
-from ecm_jax.models.attention import (CBAM, AttentionGate, DualAttention, SqueezeExcitation)
+from ecm_jax.models.attention import CBAM, AttentionGate, DualAttention, SqueezeExcitation
 from ecm_jax.models.bottleneck import FUSIONS, CoAGMuSFu
 from ecm_jax.models.layers import Conv2D, DoubleConv, LayerSettings, PatchUpsample, at_least_float32
 from ecm_jax.models.side_output import SideOutput

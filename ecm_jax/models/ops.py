@@ -14,8 +14,8 @@ Convolution implementations (`impl` of `conv2d`, `config.model.conv_impl`):
 """
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 IMPLS = ('auto', 'xla', 'gemm')
 

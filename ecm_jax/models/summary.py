@@ -43,9 +43,8 @@ if __name__ == '__main__':
   from absl import app, flags
   from ml_collections import config_flags
 
+  from configs.default import VARIANTS, with_variant
   from ecm_jax import cli
-
-  from configs.default import VARIANTS, get_model_config
 
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file, e.g. configs/kits.py')
   _VARIANTS = flags.DEFINE_list('variants', None, 'VARIANTS rows to summarise (default: all)')
@@ -58,16 +57,7 @@ if __name__ == '__main__':
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
       raise app.UsageError(f'--variants: unknown {unknown}; choose from {", ".join(VARIANTS)}')
-    # Each row is the configured model (widths, sizes, dtype) with the table switches reset to the
-    # defaults and the row's overrides applied, whatever variant the config file selected.
-    defaults = get_model_config()
-    switches = {key for row in VARIANTS.values() for key in row}
-    model_configs = {}
-    for name in names:
-      model_config = ml_collections.ConfigDict(config.model.to_dict())
-      model_config.update({key: defaults[key] for key in switches})
-      model_config.update(VARIANTS[name])
-      model_configs[name] = model_config
+    model_configs = {name: with_variant(config.model, name) for name in names}
     size = config.data.image_size
     print(f'Input (1, {size}, {size}, {config.model.in_channels}), '
           f'features {tuple(config.model.features)}, dtype {config.model.dtype}.\n')

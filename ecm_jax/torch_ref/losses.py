@@ -1,4 +1,4 @@
-"""The segmentation losses of `ecm_jax.losses` (eqs. 11-13, 17) on torch tensors.
+"""The segmentation losses of `ecm_jax.train.losses` (eqs. 11-13, 17) on torch tensors.
 
 Logits are (B, K, H, W) (NCHW, as the torch models return them); labels (B, H, W) integer class
 indices. K = 1 uses a sigmoid, K > 1 a softmax over the classes (background included).

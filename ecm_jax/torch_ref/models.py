@@ -1,8 +1,8 @@
 """torch.nn mirror of `ecm_jax.models`: the same networks, module for module, under the same names.
 
-`build_torch_model(config.model)` builds what `ecm_jax.models.build_model(config.model)` builds,
+`build_torch_model(config.model)` builds what `ecm_jax.models.networks.build_model` builds,
 for every row of `configs.default.VARIANTS`. Each class here has the name of its Flax counterpart
-(in `ecm_jax.layers`, `attention`, `aspp`, `bottleneck`, `side_output`, `models`) and its children
+(in `ecm_jax.models`: `layers`, `attention`, `aspp`, `bottleneck`, `side_output`, `networks`) and its children
 the Flax submodule names, so a torch state_dict key is the Flax variable path joined by dots
 (`encoder.level0.block0.conv3x3.weight` <-> `params/encoder/level0/block0/conv3x3/kernel`);
 `ecm_jax.torch_ref.convert` maps the values.
@@ -20,20 +20,19 @@ Differences that are conventions, not maths:
     maximum in row-major order as torch does, so the gradients agree even on ties.
 """
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 
 import ml_collections
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from ecm_jax.models import networks as flax_models
 from ecm_jax.models.layers import EC_BRANCHES
 from ecm_jax.models.side_output import SIDE_SCALES
 
-
-# --- layers (ecm_jax.layers) --------------------------------------------------------------------
+# --- layers (ecm_jax.models.layers) ---------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class LayerSettings:
@@ -136,7 +135,7 @@ class DoubleConv(nn.Module):
     return self.block1(self.block0(x))
 
 
-# --- attention blocks (ecm_jax.attention) -------------------------------------------------------
+# --- attention blocks (ecm_jax.models.attention) --------------------------------------------------
 
 def _positions(x: torch.Tensor) -> torch.Tensor:
   """(B, C, H, W) -> (B, HW, C), positions in row-major (h, w) order as the Flax reshape."""
@@ -328,7 +327,7 @@ class DualAttention(nn.Module):
     return self.project(position + channel)
 
 
-# --- MuS (ecm_jax.aspp) and CoAG-MuSFu (ecm_jax.bottleneck) -------------------------------------
+# --- MuS (models.aspp) and CoAG-MuSFu (models.bottleneck) -----------------------------------------
 
 class ImagePooling(nn.Module):
   """ASPP image-level branch: global mean -> ConvBNReLU1x1 (`conv_bn_relu`) -> broadcast to H x W.
@@ -394,7 +393,7 @@ class CoAGMuSFu(nn.Module):
     return self.fuse(torch.cat([f_a, f_s], dim=1))  # eq. (10)
 
 
-# --- DWS (ecm_jax.side_output) -------------------------------------------------------------------
+# --- DWS (ecm_jax.models.side_output) -------------------------------------------------------------
 
 class SideOutput(nn.Module):
   """F_out -> side logits at 16x: `deconv{i}` (kernel == stride 2, 2, 4, no bias) -> `bn{i}` ->
@@ -420,7 +419,7 @@ class SideOutput(nn.Module):
     return self.head(y)
 
 
-# --- networks (ecm_jax.models) -------------------------------------------------------------------
+# --- networks (ecm_jax.models.networks) -----------------------------------------------------------
 
 def check_input(x: torch.Tensor, in_channels: int, depth: int) -> None:
   """Raises ValueError unless x is (B, in_channels, H, W) with H, W divisible by 2**(depth-1)."""

@@ -1,4 +1,4 @@
-"""The optimizer of `ecm_jax.training` (SPEC section 3) in torch, and one train step.
+"""The optimizer of `ecm_jax.train.train_state` (the paper's Section IV-C) in torch, and one train step.
 
 `torch.optim.Adam(weight_decay=wd)` adds wd * param to the gradient before the moments, which is
 what `train_state.make_optimizer` chains in optax; `LambdaLR` gives step t (0-based) the learning rate

@@ -24,6 +24,7 @@ from ecm_jax.errors import WorkdirError
 from ecm_jax.models.networks import build_model
 from ecm_jax.train import train_state
 
+
 def guard_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
                          allow_config_change: bool) -> None:
   """Refuses to reuse a workdir that holds a run of another config; then records this config."""

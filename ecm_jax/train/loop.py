@@ -5,27 +5,19 @@ next batch and dispatching the jitted step; metrics are pulled from the devices 
 `train.log_every_steps` steps (and before each checkpoint, so a NaN is never saved).
 """
 
-import json
 import pathlib
-import sys
 import time
 
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
-from ecm_jax.train import checkpoint
-from ecm_jax import data
-from ecm_jax import files
+from ecm_jax import data, runtime
 from ecm_jax.errors import ConfigError, NonFiniteLossError
-from ecm_jax import runtime
-from ecm_jax.train import losses
 from ecm_jax.evaluate import metrics as metrics_lib
 from ecm_jax.evaluate import plots
-from ecm_jax.train import sharding
-from ecm_jax.train import train_state
 from ecm_jax.models.networks import build_model
+from ecm_jax.train import checkpoint, logs, losses, sharding, train_state
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -41,32 +33,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.train.{key} must be >= 1, got {config.train[key]}')
   if config.train.max_steps is not None and config.train.max_steps < 1:
     raise ConfigError(f'config.train.max_steps must be >= 1, got {config.train.max_steps}')
-
-
-def _say(message: str) -> None:
-  """A status line on stderr (process 0 only)."""
-  if jax.process_index() == 0:
-    print(message, file=sys.stderr, flush=True)
-
-
-class MetricsLog:
-  """`metrics.jsonl`: one JSON object per line, each with its `step`."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-
-  def truncate_after(self, step: int) -> None:
-    """On resume: drop lines a killed run wrote past the checkpoint it resumes from."""
-    if not self.path.exists():
-      return
-    kept = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)['step'] <= step]
-    files.write_text(self.path, ''.join(line + '\n' for line in kept))
-
-  def write(self, record: dict) -> None:
-    if jax.process_index() == 0:
-      with self.path.open('a') as f:
-        f.write(json.dumps(record) + '\n')
 
 
 def _process_slice(batch: dict) -> dict:
@@ -100,7 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
   ds = data.prepare(config.data, split_file=workdir / 'splits.json')
   global_batch = config.train.batch_size
-  steps_per_epoch = len(ds.source('train')) // global_batch
+  steps_per_epoch = data.steps_per_epoch(ds, global_batch)
   if steps_per_epoch < 1:
     raise data.DataError(f'the train split has {len(ds.source("train"))} slices, fewer than one '
                          f'batch of {global_batch}')
@@ -118,28 +84,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       ds, config.data, batch_size=global_batch // jax.process_count(), seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_keep)
-  log = MetricsLog(workdir / 'metrics.jsonl')
-  start_step = 0
-  if manager.latest_step() is not None:
-    start_step = manager.latest_step()
+  start_step = manager.latest_step() or 0
+  if start_step:
     state = checkpoint.restore(manager, start_step, state, iterator)
-    log.truncate_after(start_step)
-    _say(f'resumed from {manager.directory} at step {start_step}')
-
+  log = logs.RunLog(workdir, start_step=start_step, total_steps=total_steps,
+                    batch_size=global_batch, enabled=jax.process_index() == 0)
+  if start_step:
+    log.message(f'resumed from {manager.directory} at step {start_step}')
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  _say(f'{config.model.name} ({config.variant}): {num_params:,} params on {mesh.devices.size} '
-       f'device(s); {ds}: {len(ds.source("train"))} train slices, {steps_per_epoch} steps/epoch, '
-       f'{total_steps} steps')
+  log.message(f'{config.model.name} ({config.variant}): {num_params:,} params on '
+              f'{mesh.devices.size} device(s); {ds}: {len(ds.source("train"))} train slices, '
+              f'{steps_per_epoch} steps/epoch, {total_steps} steps')
 
   pending = []  # step metrics still on device
   last_saved = start_step
-  tick, tick_step = time.perf_counter(), start_step
 
-  def flush(step: int) -> dict:
-    """Pulls pending step metrics to the host, logs them, stops on a non-finite loss."""
-    nonlocal pending, tick, tick_step
+  def flush(step: int) -> float | None:
+    """Pulls pending step metrics to the host, logs them, stops on a non-finite loss; returns the
+    last loss (None if nothing was pending)."""
+    nonlocal pending
     if not pending:
-      return {}
+      return None
     fetched = jax.device_get(pending)
     pending = []
     first = step - len(fetched) + 1
@@ -150,10 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
             f'non-finite loss {record["train/loss"]} at step {record["step"]}; stopping. The last '
             f'good checkpoint (step {manager.latest_step()}) is in {manager.directory}.')
       log.write(record)
-    now = time.perf_counter()
-    images_per_s = (step - tick_step) * global_batch / max(now - tick, 1e-9)
-    tick, tick_step = now, step
-    return {'loss': record['train/loss'], 'lr': record['train/lr'], 'img/s': images_per_s}
+    return record['train/loss']
 
   def save(step: int, val_metrics: dict | None = None) -> None:
     nonlocal last_saved
@@ -162,26 +124,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                     None if val_metrics is None else {'val_dice': val_metrics['dice']})
     last_saved = step
 
-  progress = tqdm(total=total_steps, initial=start_step, desc='train', unit='step',
-                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
   try:
     for step in range(start_step + 1, total_steps + 1):
+      waiting = time.perf_counter()
       batch = sharding.shard_batch(next(iterator), mesh)
+      log.waited(time.perf_counter() - waiting)
       if step == start_step + 1:  # compiled ahead of time, for its memory analysis
         train_step = train_step.lower(state, batch).compile()
         message = runtime.fit_host_memory(sharding.host_temp_bytes(train_step))
         if message:
-          progress.write(message, file=sys.stderr)
+          log.message(message)
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
-      progress.update(1)
+      log.stepped()
       if step % config.train.log_every_steps == 0 or step == total_steps:
-        progress.set_postfix({k: f'{v:.3g}' for k, v in flush(step).items()}, refresh=False)
+        log.progress(step, flush(step))
       if step % eval_every == 0 or step == total_steps:
         flush(step)
         val = evaluate(state, ds, 'val', eval_step, mesh, config.train.eval_batch_size)
         log.write({'step': step, **{f'val/{k}': v for k, v in val.items()}})
-        progress.write(f'step {step}: val dice {val["dice"]:.4f}', file=sys.stderr)
+        log.message(f'step {step}: val dice {val["dice"]:.4f}')
         save(step, val)
         if jax.process_index() == 0:
           plots.learning_curves(log.path, workdir / 'learning_curves.png')
@@ -190,11 +152,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       if stop:
         if last_saved != step:
           save(step)
-        progress.write(f'{stop.signal_name}: saved step {step} to {manager.directory}; exiting.',
-                       file=sys.stderr)
+        log.message(f'{stop.signal_name}: saved step {step} to {manager.directory}; exiting.')
         break
   finally:
-    progress.close()
+    log.close()
+    iterator.close()  # stops grain's worker processes and frees their shared memory
     manager.wait_until_finished()
     manager.close()
   return state

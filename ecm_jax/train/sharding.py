@@ -10,11 +10,11 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ecm_jax.train import step
-
 
 
 def make_mesh(devices=None) -> Mesh:

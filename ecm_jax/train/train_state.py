@@ -1,4 +1,4 @@
-"""The train state and the optimizer (the paper's recipe, Section IV-A): a plain pytree and optax.
+"""The train state and the optimizer (the paper's recipe, Section IV-C): a plain pytree and optax.
 
 Variables come from `ecm_jax.models.networks.init_variables` (the one initialisation path);
 `create_train_state` adds the optimizer state, `abstract_train_state` its shapes for a restore.
