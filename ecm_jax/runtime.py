@@ -11,7 +11,6 @@ import logging
 import os
 import pathlib
 import sys
-import warnings
 
 HOST_MEMORY_MODES = ('auto', 'huge_pages+retain', 'huge_pages', 'retain', 'default')
 HOST_MEMORY_HELP = (
@@ -20,6 +19,11 @@ HOST_MEMORY_HELP = (
     'slower compiles); both spare every step most of its page faults; auto is huge_pages+retain on '
     'the CPU (retain alone where huge pages are not to be had) and default on GPU/TPU; default is '
     'the C library\'s behaviour (ecm_jax.cpu.host_memory).')
+
+# Orbax warnings about what we do on purpose: the best checkpoint by val Dice is kept by a
+# preservation policy (orbax still asks for metrics at every save), and evaluation opens the
+# checkpoints read-only.
+_ORBAX_NOISE = ('Requested `tracked_metric`', 'Given directory is read only')
 
 _host_memory = None  # ecm_jax.cpu.host_memory once configured (CPU processes only)
 _host_memory_in_effect = 'default'
@@ -41,7 +45,7 @@ def runs_on_cpu() -> bool:
 
 def configure_logging(verbose: bool = False) -> None:
   """The project's INFO lines on stderr; libraries' routine chatter (orbax and grain log every save
-  and worker start at INFO) at WARNING, and the one orbax warning that is noise silenced."""
+  and worker start at INFO) at WARNING, and the orbax warnings that are noise here silenced."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
   absl_logging.use_absl_handler()
@@ -52,11 +56,8 @@ def configure_logging(verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
     project.addHandler(handler)
   project.propagate = False
-  # We checkpoint the best by val Dice through a preservation policy; orbax still asks for metrics
-  # on every save, with or without them.
-  warnings.filterwarnings('ignore', message='.*tracked_metric.*')
   absl_logging.get_absl_logger().addFilter(
-      lambda record: 'tracked_metric' not in record.getMessage())
+      lambda record: not any(noise in record.getMessage() for noise in _ORBAX_NOISE))
 
 
 def configure_host_memory(mode: str) -> str:

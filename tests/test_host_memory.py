@@ -166,11 +166,11 @@ def test_auto_acts_only_on_cpu(monkeypatch, platforms, plugin, huge_pages, expec
   monkeypatch.setattr(runtime, 'accelerator_plugin_installed', lambda: plugin)
   monkeypatch.setattr(host_memory, 'huge_pages_available', lambda: huge_pages)
   assert host_memory.resolve('auto') == expected
-  for mode in host_memory.MODES[1:]:
+  for mode in runtime.HOST_MEMORY_MODES[1:]:
     assert host_memory.resolve(mode) == mode
 
 
 def test_unknown_mode_is_refused():
   modes = "('auto', 'huge_pages+retain', 'huge_pages', 'retain', 'default')"
   with pytest.raises(ValueError, match=re.escape(f"one of {modes}, got 'keep'")):
-    host_memory.resolve('keep')
+    runtime.configure_host_memory('keep')

@@ -54,8 +54,6 @@ import sys
 
 from ecm_jax import runtime
 
-MODES = runtime.HOST_MEMORY_MODES
-
 # How many steps' temporaries a retaining process may hold at once (module doc: 3 seen).
 RETAINED_STEPS = 3
 
@@ -212,11 +210,10 @@ def for_child_processes(mode: str):
 
 
 def resolve(mode: str) -> str:
-  """What host-memory `mode` does here: the mode itself, or for 'auto': on the CPU (JAX_PLATFORMS is
-  'cpu', or unset with no GPU/TPU plugin installed) 'huge_pages+retain' where
-  `huge_pages_available`, else 'retain'; 'default' elsewhere."""
-  if mode not in MODES:
-    raise ValueError(f'host memory mode must be one of {MODES}, got {mode!r}')
+  """What host-memory `mode` (one of `runtime.HOST_MEMORY_MODES`, checked by
+  `runtime.configure_host_memory` and the flags) does here: the mode itself, or for 'auto': on the
+  CPU (`runtime.runs_on_cpu`) 'huge_pages+retain' where `huge_pages_available`, else 'retain';
+  'default' elsewhere."""
   if mode != 'auto':
     return mode
   if not runtime.runs_on_cpu():

@@ -227,6 +227,12 @@ def build_model(model_config: ml_collections.ConfigDict, *,
               attention_gates=m.name == 'attention_unet', **common)
 
 
+def _smallest_input(model: nn.Module) -> tuple[int, int, int, int]:
+  """(1, 16, 16, in_channels): the smallest input the model takes (four 2x2 max-pools)."""
+  size = 2**(len(model.features) - 1)
+  return (1, size, size, model.in_channels)
+
+
 def init_variables(model: nn.Module, seed: int) -> dict:
   """{'params', 'batch_stats'} of a `build_model` model initialised from `seed`: the one way
   variables are made (training, evaluation, parity, benchmarks and tests all come here).
@@ -236,8 +242,7 @@ def init_variables(model: nn.Module, seed: int) -> dict:
   threefry-based initialisers of a network this size several times slower (same values either way
   at optimisation level 1, checked).
   """
-  size = 2**(len(model.features) - 1)
-  x = jnp.zeros((1, size, size, model.in_channels), jnp.float32)
+  x = jnp.zeros(_smallest_input(model), jnp.float32)
   key = jax.random.key(seed, impl='rbg')
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init.lower(key, x).compile(compiler_options=FAST_COMPILE_OPTIONS)(key, x)
@@ -246,8 +251,7 @@ def init_variables(model: nn.Module, seed: int) -> dict:
 
 def variable_shapes(model: nn.Module) -> dict:
   """The abstract (shape and dtype) tree of `init_variables(model, seed)`; nothing is computed."""
-  size = 2**(len(model.features) - 1)
-  x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
+  x = jax.ShapeDtypeStruct(_smallest_input(model), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl='rbg'), x, train=False), x)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
