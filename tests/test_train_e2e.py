@@ -130,7 +130,7 @@ def test_progress_is_one_line_per_log_step_without_a_terminal(uninterrupted, tmp
   assert all('loss ' in l and 'data wait ' in l for l in lines)
   # Our INFO lines are shown; library noise is not.
   assert 'preprocessing cache' in result.stderr
-  for noise in ('tracked_metric', 'leaked shared_memory', 'Traceback'):
+  for noise in ('tracked_metric', 'read only', 'leaked shared_memory', 'Traceback'):
     assert noise not in result.stderr, noise
 
 

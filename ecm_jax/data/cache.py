@@ -89,8 +89,9 @@ def _build(config, cases, spec, key, path: pathlib.Path):
   try:
     with files.atomic_path(path) as temporary:
       (temporary / 'cases').mkdir(parents=True)
-      metas = [_write_case(case, config, temporary)
-               for case in tqdm.tqdm(cases, desc=f'caching {config.dataset} slices', unit='case')]
+      metas = [_write_case(case, config, temporary)  # a bar on a terminal only (disable=None)
+               for case in tqdm.tqdm(cases, desc=f'caching {config.dataset} slices', unit='case',
+                                     disable=None)]
       index = {'format': FORMAT, 'key': key, 'spec': spec,
                'cases': [meta.to_json() for meta in metas]}
       (temporary / 'index.json').write_text(json.dumps(index))

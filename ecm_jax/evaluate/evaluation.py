@@ -50,7 +50,8 @@ def evaluate_split(predictor: Predictor, ds, split: str, out_dir: pathlib.Path, 
   cases = ds.split_cases(split)
   if not cases:
     raise data.DataError(f'the {split} split of {ds} has no cases')
-  for case_id in tqdm(cases, desc=f'eval {split}', unit='case'):
+  # disable=None: a bar on a terminal only, no carriage returns in log files.
+  for case_id in tqdm(cases, desc=f'eval {split}', unit='case', disable=None):
     meta = ds.case_meta(case_id)
     images, labels = ds.case_arrays(case_id)
     pred = predictor.predict(np.asarray(images))
@@ -128,7 +129,7 @@ def predict_scans(predictor: Predictor, inputs, output_dir) -> list[pathlib.Path
   paths = scan_paths(inputs)
   output_dir.mkdir(parents=True, exist_ok=True)
   written = []
-  for path in tqdm(paths, desc='predict', unit='scan'):
+  for path in tqdm(paths, desc='predict', unit='scan', disable=None):
     slices, meta = data.load_scan(path, predictor.config.data)
     out_path = output_dir / path.name if path.name.endswith('.gz') else output_dir / (
         path.name + '.gz')
