@@ -32,13 +32,20 @@ VARIANTS = {
     'attention_unet': dict(name='attention_unet', dws=False),
     'unet_pp': dict(name='unet_pp', dws=False),
     'danet': dict(name='danet', dws=False),
+    # Table I networks of their own design (sizes: model.cenet_features, msunet_features,
+    # hrnet_size, segformer_size)
+    'cenet': dict(name='cenet', dws=False),
+    'msunet': dict(name='msunet', dws=False),
+    'hrnet': dict(name='hrnet', dws=False),
+    'segformer': dict(name='segformer', dws=False),
 }
 
 
 def get_model_config() -> ml_collections.ConfigDict:
   """`config.model`: the architecture. `build_model(config.model)` reads only this."""
   m = ml_collections.ConfigDict()
-  # Architecture: ec_cam_unet | unet | unet_se | unet_cbam | attention_unet | unet_pp | danet.
+  # Architecture: ec_cam_unet | unet | unet_se | unet_cbam | attention_unet | unet_pp | danet |
+  # cenet | msunet | hrnet | segformer.
   # Only ec_cam_unet reads ec/cc/sc/mus/fusion; every name reads dws. `unet` = ec_cam_unet with
   # ec, cc, sc, mus off (the same graph). See ecm_jax/models/networks.py.
   m.name = 'ec_cam_unet'
@@ -59,6 +66,12 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.mus_rates = (6, 12, 18)  # ASPP dilation rates
   m.side_features = (256, 64, 16)  # widths of the three side-output deconvs (2x, 2x, 4x)
   m.se_reduction = 16  # SE / CBAM channel reduction (Table V baselines)
+  # Table I networks of their own design (the paper gives no size for HR-Net or SegFormer:
+  # W18 and B0 are our choice; W48 / B2 are one flag away).
+  m.cenet_features = (64, 128, 256, 512)  # CE-Net's ResNet-34 stage widths (Gu et al. 2019)
+  m.msunet_features = (32, 64, 128, 256, 512)  # MSU-Net level widths (Su et al. 2021)
+  m.hrnet_size = 'w18'  # HRNetV2: w18_small_v2 | w18 | w32 | w48
+  m.segformer_size = 'b0'  # SegFormer (MiT encoder): b0 | b1 | b2 | b3 | b4 | b5
   m.bn_momentum = 0.9  # flax convention (running = m*running + (1-m)*batch); = PyTorch 0.1
   m.bn_epsilon = 1e-5
   # Compute dtype: float32 | bfloat16 (params, softmax, reductions stay float32) | float64

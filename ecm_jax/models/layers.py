@@ -54,6 +54,24 @@ class LayerSettings:
                      axis_name=self.bn_axis_name, dtype=dtype or self.dtype, name=name)
 
 
+def check_input(x: jax.Array, model: nn.Module, why: str) -> None:
+  """Raises ValueError unless x is (B, H, W, model.in_channels) with H, W multiples of
+  `model.input_multiple()` and at least `model.smallest_input()`; `why` names the reason for the
+  multiple (e.g. '4 2x2 max-pools')."""
+  if x.ndim != 4:
+    raise ValueError(f'input x must have rank 4 (B, H, W, C), got shape {tuple(x.shape)}')
+  if x.shape[-1] != model.in_channels:
+    raise ValueError(f'input x has {x.shape[-1]} channels (last axis) but model.in_channels is '
+                     f'{model.in_channels}; shape {tuple(x.shape)}')
+  factor, smallest = model.input_multiple(), model.smallest_input()
+  if x.shape[1] % factor or x.shape[2] % factor:
+    raise ValueError(f'input H and W must be divisible by {factor} ({why}), '
+                     f'got H={x.shape[1]}, W={x.shape[2]}')
+  if min(x.shape[1:3]) < smallest:
+    raise ValueError(f'input H and W must be at least {smallest} for {type(model).__name__}, '
+                     f'got H={x.shape[1]}, W={x.shape[2]}')
+
+
 def torch_kernel_init(in_axis: int = -2, out_axis: int = -1) -> nn.initializers.Initializer:
   """PyTorch's default weight init, kaiming_uniform(a=sqrt(5)): uniform in +-1/sqrt(fan_in)."""
   return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform', in_axis=in_axis,
@@ -71,26 +89,110 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 
 class Conv2D(nn.Module):
-  """Stride-1 'SAME' 2D convolution through `ops.conv2d`: params `kernel` (kh,kw,Cin,Cout), `bias`."""
+  """2D convolution, PyTorch `Conv2d(kernel_size, stride, padding, dilation, groups, bias)`:
+  params `kernel` (kh, kw, Cin/groups, Cout), `bias` (Cout,).
+
+  padding None: 'SAME' (odd kernels, stride 1), which goes through `ops.conv2d` and its
+  `conv_impl` choice; any other form (a stride, explicit padding, groups) is `ops.conv_general`.
+  kernel_init / bias_init: None is PyTorch's default (uniform in +-1/sqrt(fan_in)); the baselines
+  whose official code initialises otherwise pass their own.
+  """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   dilation: int = 1
   use_bias: bool = False
+  stride: int = 1
+  padding: int | None = None
+  groups: int = 1
+  kernel_init: nn.initializers.Initializer | None = None
+  bias_init: nn.initializers.Initializer | None = None
   settings: LayerSettings = LayerSettings()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = self.kernel_size
-    fan_in = kh * kw * x.shape[-1]
-    kernel = self.param('kernel', torch_kernel_init(), (kh, kw, x.shape[-1], self.features),
-                        self.settings.param_dtype)
+    cin = x.shape[-1]
+    if cin % self.groups or self.features % self.groups:
+      raise ValueError(f'{self.name}: {cin} input and {self.features} output channels must both be '
+                       f'divisible by groups={self.groups}')
+    fan_in = kh * kw * cin // self.groups
+    kernel = self.param('kernel', self.kernel_init or torch_kernel_init(),
+                        (kh, kw, cin // self.groups, self.features), self.settings.param_dtype)
     dtype = self.settings.dtype
-    y = ops.conv2d(x.astype(dtype), kernel.astype(dtype), dilation=self.dilation,
-                   impl=self.settings.conv_impl)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self.padding is None and self.stride == 1 and self.groups == 1:
+      y = ops.conv2d(x, kernel, dilation=self.dilation, impl=self.settings.conv_impl)
+    else:
+      padding = ((self.dilation * (kh - 1) // 2, self.dilation * (kw - 1) // 2)
+                 if self.padding is None else (self.padding, self.padding))
+      y = ops.conv_general(x, kernel, stride=self.stride, padding=padding, dilation=self.dilation,
+                           groups=self.groups)
     if self.use_bias:
-      bias = self.param('bias', torch_bias_init(fan_in), (self.features,), self.settings.param_dtype)
+      bias = self.param('bias', self.bias_init or torch_bias_init(fan_in), (self.features,),
+                        self.settings.param_dtype)
       y = y + bias.astype(dtype)
     return y
+
+
+class ConvTranspose2D(nn.Module):
+  """PyTorch `ConvTranspose2d(kernel_size, stride, padding, output_padding, bias)`: params `kernel`
+  (k, k, Cin, Cout) (the torch weight (Cin, Cout, k, k) permuted), `bias`.
+
+  Output size (H - 1) * stride - 2 * padding + k + output_padding. For kernel == stride without
+  padding use `PatchUpsample` (one matmul).
+  """
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int = 0
+  output_padding: int = 0
+  use_bias: bool = True
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    # PyTorch stores a transposed-conv weight as (Cin, Cout, k, k) and takes fan_in from dim 1.
+    kernel = self.param('kernel', torch_kernel_init(in_axis=-1, out_axis=-2),
+                        (k, k, x.shape[-1], self.features), self.settings.param_dtype)
+    dtype = self.settings.dtype
+    y = ops.conv_transpose(x.astype(dtype), kernel.astype(dtype), stride=self.stride,
+                           padding=self.padding, output_padding=self.output_padding)
+    if self.use_bias:
+      bias = self.param('bias', torch_bias_init(self.features * k * k), (self.features,),
+                        self.settings.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Dense(nn.Module):
+  """PyTorch `Linear` on the last axis: params `kernel` (Cin, Cout) (the torch weight transposed),
+  `bias`. Initialisers as `Conv2D` (None: PyTorch's default)."""
+  features: int
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer | None = None
+  bias_init: nn.initializers.Initializer | None = None
+  settings: LayerSettings = LayerSettings()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init or torch_kernel_init(in_axis=0, out_axis=1),
+                        (cin, self.features), self.settings.param_dtype)
+    dtype = self.settings.dtype
+    y = x.astype(dtype) @ kernel.astype(dtype)
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init or torch_bias_init(cin), (self.features,),
+                        self.settings.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+def layer_norm(settings: LayerSettings, epsilon: float, name: str) -> nn.LayerNorm:
+  """PyTorch `LayerNorm` over the last axis (params `scale`, `bias`; statistics in float32 or
+  wider, two-pass variance as torch computes it), output in the compute dtype."""
+  return nn.LayerNorm(epsilon=epsilon, dtype=settings.dtype, param_dtype=settings.param_dtype,
+                      use_fast_variance=False, name=name)
 
 
 class PatchUpsample(nn.Module):

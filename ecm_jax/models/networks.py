@@ -14,9 +14,18 @@ Which `config.model` switches each name reads:
   unet_se, unet_cbam, danet, attention_unet, unet_pp
                   dws only: the published architecture with a plain encoder; DWS, when on, reads
                   the bottleneck as in EC-CaM-UNet (U-Net++: node X^{4,0}).
+  cenet           cenet_features (ecm_jax/models/cenet.py);
+  msunet          msunet_features (ecm_jax/models/msunet.py);
+  hrnet           hrnet_size (ecm_jax/models/hrnet.py);
+  segformer       segformer_size (ecm_jax/models/segformer.py);
+                  these four have no DWS side output (model.dws must be False) and do not read
+                  model.features.
+
+Every model has `input_multiple()` (H and W must be multiples of it) and `smallest_input()` (the
+smallest H = W it takes).
 
 Summary table (parameters, forward GFLOPs per image from XLA cost analysis, output shapes):
-  python -m ecm_jax.models.networks --config configs/kits.py [--variants unet,ec_cam_unet]
+  python -m ecm_jax.models.summary --config configs/kits.py [--variants unet,ec_cam_unet]
 """
 
 from collections.abc import Mapping, Sequence
@@ -28,13 +37,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ecm_jax.models import ops
+from ecm_jax.models import cenet, hrnet, msunet, ops, segformer
 from ecm_jax.models.attention import CBAM, AttentionGate, DualAttention, SqueezeExcitation
 from ecm_jax.models.bottleneck import FUSIONS, CoAGMuSFu
-from ecm_jax.models.layers import Conv2D, DoubleConv, LayerSettings, PatchUpsample, at_least_float32
+from ecm_jax.models.layers import (
+  Conv2D,
+  DoubleConv,
+  LayerSettings,
+  PatchUpsample,
+  at_least_float32,
+  check_input,
+)
 from ecm_jax.models.side_output import SideOutput
 
-MODEL_NAMES = ('ec_cam_unet', 'unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet')
+UNET_NAMES = ('ec_cam_unet', 'unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet')
+# Table I networks of their own design (no U-Net encoder, no DWS side output).
+OTHER_NAMES = ('cenet', 'msunet', 'hrnet', 'segformer')
+MODEL_NAMES = UNET_NAMES + OTHER_NAMES
 # Compute dtypes. 'float64' (params, statistics and outputs float64 too) needs jax_enable_x64: it
 # separates implementation differences from float32 rounding (ecm_jax/parity.py --float64).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
@@ -47,19 +66,6 @@ ATTENTION_MAP_NAMES = ('sc_attention', 'cc_weights', 'coa_output')
 # default). Level 0 is faster still but not safe: its init values differ in the last bit and its
 # max-pool gradients come out NaN.
 FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 1}
-
-
-def check_input(x: jax.Array, in_channels: int, depth: int) -> None:
-  """Raises ValueError unless x is (B, H, W, in_channels) with H, W divisible by 2**(depth-1)."""
-  if x.ndim != 4:
-    raise ValueError(f'input x must have rank 4 (B, H, W, C), got shape {tuple(x.shape)}')
-  if x.shape[-1] != in_channels:
-    raise ValueError(f'input x has {x.shape[-1]} channels (last axis) but model.in_channels is '
-                     f'{in_channels}; shape {tuple(x.shape)}')
-  factor = 2**(depth - 1)
-  if x.shape[1] % factor or x.shape[2] % factor:
-    raise ValueError(f'input H and W must be divisible by {factor} ({depth - 1} 2x2 max-pools), '
-                     f'got H={x.shape[1]}, W={x.shape[2]}')
 
 
 class Encoder(nn.Module):
@@ -118,9 +124,15 @@ class UNet(nn.Module):
   side_output: nn.Module | None = None
   settings: LayerSettings = LayerSettings()
 
+  def input_multiple(self) -> int:
+    return 2**(len(self.features) - 1)
+
+  def smallest_input(self) -> int:
+    return self.input_multiple()
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-    check_input(x, self.in_channels, len(self.features))
+    check_input(x, self, f'{len(self.features) - 1} 2x2 max-pools')
     s = self.settings
     levels = Encoder(tuple(self.features), self.ec, self.ec_folded, s, name='encoder')(
         x.astype(s.dtype), train)
@@ -152,9 +164,15 @@ class UNetPlusPlus(nn.Module):
   side_output: nn.Module | None = None
   settings: LayerSettings = LayerSettings()
 
+  def input_multiple(self) -> int:
+    return 2**(len(self.features) - 1)
+
+  def smallest_input(self) -> int:
+    return self.input_multiple()
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-    check_input(x, self.in_channels, len(self.features))
+    check_input(x, self, f'{len(self.features) - 1} 2x2 max-pools')
     s, depth = self.settings, len(self.features)
     nodes = {}
     y = x.astype(s.dtype)
@@ -193,6 +211,9 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     raise ValueError("model.dtype='float64' needs 64-bit JAX: set jax.config.update("
                      "'jax_enable_x64', True) (or JAX_ENABLE_X64=1) before any JAX computation; "
                      "without it every float64 array would silently be float32")
+  if m.name in OTHER_NAMES and m.dws:
+    raise ValueError(f'model.name={m.name!r} has no deep-supervision side output: set '
+                     f'model.dws=False (its VARIANTS row does)')
   if len(m.features) != DEPTH:
     raise ValueError(f'model.features needs {DEPTH} widths (encoder depth {DEPTH}), '
                      f'got {tuple(m.features)}')
@@ -208,6 +229,15 @@ def build_model(model_config: ml_collections.ConfigDict, *,
   # 'auto' is resolved here, once, for the backend the model will run on (ecm_jax.models.ops).
   settings = LayerSettings(DTYPES[m.dtype], ops.resolve_impl(m.conv_impl), m.bn_momentum,
                            m.bn_epsilon, bn_axis_name)
+  io = dict(in_channels=m.in_channels, num_classes=m.num_classes, settings=settings)
+  if m.name == 'cenet':
+    return cenet.CENet(features=tuple(m.cenet_features), **io)
+  if m.name == 'msunet':
+    return msunet.MSUNet(features=tuple(m.msunet_features), **io)
+  if m.name == 'hrnet':
+    return hrnet.HRNetV2(size=m.hrnet_size, **io)
+  if m.name == 'segformer':
+    return segformer.SegFormer(size=m.segformer_size, **io)
   side_output = SideOutput(tuple(m.side_features), m.num_classes, settings) if m.dws else None
   common = dict(features=tuple(m.features), in_channels=m.in_channels, num_classes=m.num_classes,
                 side_output=side_output, settings=settings)
@@ -228,8 +258,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
 
 
 def _smallest_input(model: nn.Module) -> tuple[int, int, int, int]:
-  """(1, 16, 16, in_channels): the smallest input the model takes (four 2x2 max-pools)."""
-  size = 2**(len(model.features) - 1)
+  """(1, size, size, in_channels): the smallest input the model takes."""
+  size = model.smallest_input()
   return (1, size, size, model.in_channels)
 
 
@@ -238,7 +268,7 @@ def init_variables(model: nn.Module, seed: int) -> dict:
   variables are made (training, evaluation, parity, benchmarks and tests all come here).
 
   No variable depends on the input's batch or spatial size, so this traces the smallest valid
-  input (1, 16, 16, in_channels). The 'rbg' generator and `FAST_COMPILE_OPTIONS`: XLA:CPU compiles
+  input (U-Net: (1, 16, 16, in_channels)). The 'rbg' generator and `FAST_COMPILE_OPTIONS`: XLA:CPU compiles
   threefry-based initialisers of a network this size several times slower (same values either way
   at optimisation level 1, checked).
   """

@@ -59,6 +59,45 @@ def conv_xla(x, kernel, dilation):
       dimension_numbers=_DIMS)
 
 
+def conv_general(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
+                 padding: tuple[int, int] = (0, 0), dilation: int = 1,
+                 groups: int = 1) -> jax.Array:
+  """PyTorch `conv2d(x, w, stride, padding=(ph, pw), dilation, groups)` in NHWC / HWIO, kernel
+  (kh, kw, Cin/groups, Cout): strided, padded and grouped (depthwise) convolutions."""
+  ph, pw = padding
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((ph, ph), (pw, pw)),
+      rhs_dilation=(dilation, dilation), dimension_numbers=_DIMS, feature_group_count=groups)
+
+
+def conv_transpose(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int = 0,
+                   output_padding: int = 0) -> jax.Array:
+  """PyTorch `conv_transpose2d(x, w, stride, padding, output_padding)` with kernel = w permuted to
+  (k, k, Cin, Cout): the input dilated by the stride, convolved with the spatially flipped kernel
+  on padding (k-1-padding, k-1-padding+output_padding)."""
+  k = kernel.shape[0]
+  lo = k - 1 - padding
+  return lax.conv_general_dilated(
+      x, kernel[::-1, ::-1], window_strides=(1, 1),
+      padding=((lo, lo + output_padding), (lo, lo + output_padding)),
+      lhs_dilation=(stride, stride), dimension_numbers=_DIMS)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """(B, H, W, C) -> (B, *size, C) bilinearly: PyTorch `interpolate(mode='bilinear',
+  align_corners=False)` (no antialiasing, also when shrinking)."""
+  if tuple(x.shape[1:3]) == tuple(size):
+    return x
+  return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), 'bilinear', antialias=False)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+  """PyTorch `max_pool2d(x, window, stride, padding)` (floor mode; padding counts as -inf)."""
+  init = jnp.array(-jnp.inf, x.dtype)
+  return lax.reduce_window(x, init, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+                           ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
 def upsample_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Transposed convolution with kernel size == stride (no overlap), as one matmul + depth-to-space.
 

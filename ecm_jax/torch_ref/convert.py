@@ -7,10 +7,14 @@ moved by axis permutations only (no arithmetic), so JAX -> torch -> JAX returns 
   Conv2D (Conv2d)       weight (Cout, Cin, kh, kw)          params kernel (kh, kw, Cin, Cout)
   PatchUpsample         weight (Cin, Cout, s, s)            params kernel (s, s, Cin, Cout)
     (ConvTranspose2d)
+  ConvTranspose2D       weight (Cin, Cout, k, k)            params kernel (k, k, Cin, Cout)
+    (ConvTranspose2d)
+  Dense (Linear)        weight (Cout, Cin)                  params kernel (Cin, Cout)
   Conv1D (Conv1d)       weight (Cout, Cin, k)               params kernel (k, Cin, Cout)
   PatchUpsample1D       weight (Cin, Cout, s)               params kernel (s, Cin, Cout)
     (ConvTranspose1d)
   any of these          bias (Cout,)                        params bias
+  LayerNorm             weight, bias                        params scale, bias
   BatchNorm1d/2d        weight, bias                        params scale, bias
                         running_mean, running_var           batch_stats mean, var
                         num_batches_tracked                 (none: Flax does not count; set to
@@ -28,12 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-# Per torch convolution class: the axes taking the Flax kernel to the torch weight layout.
+# Per torch convolution / linear class: the axes taking the Flax kernel to the torch weight layout.
 _CONV_LAYOUTS = (
     (nn.Conv2d, (3, 2, 0, 1)),
     (nn.ConvTranspose2d, (2, 3, 0, 1)),
     (nn.Conv1d, (2, 1, 0)),
     (nn.ConvTranspose1d, (1, 2, 0)),
+    (nn.Linear, (1, 0)),
 )
 _BN_LEAVES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
               'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
@@ -49,6 +54,8 @@ def _module_leaves(module: nn.Module) -> dict[str, tuple[str, str, tuple[int, ..
       return leaves
   if isinstance(module, nn.modules.batchnorm._BatchNorm):
     return {name: (collection, leaf, None) for name, (collection, leaf) in _BN_LEAVES.items()}
+  if isinstance(module, nn.LayerNorm):
+    return {'weight': ('params', 'scale', None), 'bias': ('params', 'bias', None)}
   return {name: ('params', name, None) for name, _ in module.named_parameters(recurse=False)}
 
 

@@ -47,14 +47,46 @@ class LayerSettings:
 
 
 class Conv2D(nn.Conv2d):
-  """Stride-1 'SAME' 2D convolution (odd kernel sizes), `layers.Conv2D`."""
+  """2D convolution, `layers.Conv2D`: padding None is 'same' for odd kernels."""
 
   def __init__(self, in_features: int, features: int, kernel_size: tuple[int, int] = (3, 3),
-               dilation: int = 1, use_bias: bool = False):
+               dilation: int = 1, use_bias: bool = False, stride: int = 1,
+               padding: int | None = None, groups: int = 1):
     kh, kw = kernel_size
-    super().__init__(in_features, features, (kh, kw), padding=(dilation * (kh - 1) // 2,
-                                                               dilation * (kw - 1) // 2),
-                     dilation=dilation, bias=use_bias)
+    if padding is None:
+      padding = (dilation * (kh - 1) // 2, dilation * (kw - 1) // 2)
+    super().__init__(in_features, features, (kh, kw), stride=stride, padding=padding,
+                     dilation=dilation, groups=groups, bias=use_bias)
+
+
+class ConvTranspose2D(nn.ConvTranspose2d):
+  """Transposed convolution, `layers.ConvTranspose2D`."""
+
+  def __init__(self, in_features: int, features: int, kernel_size: int, stride: int,
+               padding: int = 0, output_padding: int = 0, use_bias: bool = True):
+    super().__init__(in_features, features, kernel_size, stride=stride, padding=padding,
+                     output_padding=output_padding, bias=use_bias)
+
+
+class Dense(nn.Linear):
+  """`layers.Dense` (`torch.nn.Linear`)."""
+
+  def __init__(self, in_features: int, features: int, use_bias: bool = True):
+    super().__init__(in_features, features, bias=use_bias)
+
+
+class LayerNorm(nn.LayerNorm):
+  """`layers.layer_norm` (`torch.nn.LayerNorm` over the last axis)."""
+
+  def __init__(self, features: int, epsilon: float):
+    super().__init__(features, eps=epsilon)
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+  """`ops.resize_bilinear` on NCHW."""
+  if tuple(x.shape[2:]) == tuple(size):
+    return x
+  return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 
 
 class PatchUpsample(nn.ConvTranspose2d):
@@ -561,6 +593,18 @@ def build_torch_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   m = model_config
   flax_models.build_model(m)  # validation only
   settings = LayerSettings(m.bn_momentum, m.bn_epsilon)
+  # The Table I networks of their own design live in their own modules, which build on the layers
+  # above (hence imported here, not at the top).
+  from ecm_jax.torch_ref import cenet, hrnet, msunet, segformer  # pylint: disable=g-import-not-at-top
+  io = dict(in_channels=m.in_channels, num_classes=m.num_classes, settings=settings)
+  if m.name == 'cenet':
+    return cenet.CENet(tuple(m.cenet_features), **io)
+  if m.name == 'msunet':
+    return msunet.MSUNet(tuple(m.msunet_features), **io)
+  if m.name == 'hrnet':
+    return hrnet.HRNetV2(m.hrnet_size, **io)
+  if m.name == 'segformer':
+    return segformer.SegFormer(m.segformer_size, **io)
   features = tuple(m.features)
   side_output = (SideOutput(features[-1], tuple(m.side_features), m.num_classes, settings)
                  if m.dws else None)

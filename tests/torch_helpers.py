@@ -1,0 +1,40 @@
+"""What the JAX-vs-PyTorch tests share: tolerances and "trained-like" weights. Import only from
+tests that have skipped without torch (`pytest.importorskip('torch')`)."""
+
+import torch
+
+from ecm_jax.torch_ref import convert
+from ecm_jax.torch_ref.models import build_torch_model
+
+# Relative error bounds (max|JAX - PyTorch| / max|PyTorch|; ecm_jax/torch_ref/parity.py).
+FORWARD_TOL, LOSS_TOL, GRADIENT_TOL, PARAMS_TOL, BATCH_STATS_TOL = 1e-5, 1e-5, 1e-4, 1e-4, 1e-4
+# A quantity PyTorch float32 itself misses (against float64) by more than tol / ROUNDING_FACTOR
+# passes within ROUNDING_FACTOR x that miss (ill-conditioned train-mode BatchNorm at tiny shapes).
+ROUNDING_FACTOR = 4
+
+
+def trained_like(model_config, seed=0) -> dict:
+  """Flax variables from a PyTorch-initialised mirror with random BatchNorm scale ~ U(0.5, 1.5),
+  bias and running mean ~ U(-0.5, 0.5), running var ~ U(0.5, 1.5), DA-Net gammas 0.5."""
+  torch.manual_seed(seed)
+  model = build_torch_model(model_config)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 1.5)
+    for name, p in model.named_parameters():
+      if name.endswith('gamma'):
+        p.fill_(0.5)
+  return convert.state_dict_to_variables(model, model.state_dict())
+
+
+def assert_within(diffs, tol, what):
+  """Every Difference within `tol` or within ROUNDING_FACTOR x PyTorch's own float32 error."""
+  bad = [f'{d.name}: {d.max_rel:.2e} (PyTorch float32 vs float64: {d.rounding:.2e})'
+         for d in diffs if d.max_rel > max(tol, ROUNDING_FACTOR * d.rounding)]
+  assert not bad, f'{what}, relative error above {tol:g}: ' + '; '.join(bad)
+
+
