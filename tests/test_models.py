@@ -66,7 +66,8 @@ def unique_variants():
 def test_variant_initialises_trains_and_evaluates(variant):
   config = small_config(variant)
   model = build_model(config)
-  x = random_input()
+  size = max(32, model.smallest_input())
+  x = random_input((2, size, size, 1))
   shapes = abstract_variables(model)
   assert set(shapes) == {'params', 'batch_stats'}
   variables = randomized(shapes, seed=0)
@@ -77,7 +78,7 @@ def test_variant_initialises_trains_and_evaluates(variant):
   for outputs in (train_out, eval_out):
     assert set(outputs) == expected_outputs
     for logits in outputs.values():
-      assert logits.shape == (2, 32, 32, 1) and logits.dtype == jnp.float32
+      assert logits.shape == (2, size, size, 1) and logits.dtype == jnp.float32
       assert np.isfinite(logits).all()
   if with_gradients:
     # Every parameter gets a finite, non-zero gradient (all of them are wired into the outputs).
