@@ -244,7 +244,8 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   jitted = sharding.jit_train_step(mesh, model=build_model(config.model),
                                    tx=train_state.make_optimizer(config, TOTAL_STEPS),
                                    loss_config=config.loss,
-                                   schedule=train_state.learning_rate_schedule(config, TOTAL_STEPS))
+                                   schedule=train_state.learning_rate_schedule(config, TOTAL_STEPS),
+                                   seed=config.seed)
   sharded = sharding.shard_batch(batch, mesh)
   start = time.perf_counter()
   compiled = jitted.lower(state, sharded).compile()

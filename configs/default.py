@@ -72,6 +72,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.msunet_features = (32, 64, 128, 256, 512)  # MSU-Net level widths (Su et al. 2021)
   m.hrnet_size = 'w18'  # HRNetV2: w18_small_v2 | w18 | w32 | w48
   m.segformer_size = 'b0'  # SegFormer (MiT encoder): b0 | b1 | b2 | b3 | b4 | b5
+  m.segformer_drop_path = 0.1  # stochastic depth, rising linearly to this over the blocks
+  m.segformer_dropout = 0.1  # dropout before the decoder's classifier
   m.bn_momentum = 0.9  # flax convention (running = m*running + (1-m)*batch); = PyTorch 0.1
   m.bn_epsilon = 1e-5
   # Compute dtype: float32 | bfloat16 (params, softmax, reductions stay float32) | float64

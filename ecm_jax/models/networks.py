@@ -17,7 +17,8 @@ Which `config.model` switches each name reads:
   cenet           cenet_features (ecm_jax/models/cenet.py);
   msunet          msunet_features (ecm_jax/models/msunet.py);
   hrnet           hrnet_size (ecm_jax/models/hrnet.py);
-  segformer       segformer_size (ecm_jax/models/segformer.py);
+  segformer       segformer_size, segformer_drop_path, segformer_dropout
+                  (ecm_jax/models/segformer.py);
                   these four have no DWS side output (model.dws must be False) and do not read
                   model.features.
 
@@ -237,7 +238,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
   if m.name == 'hrnet':
     return hrnet.HRNetV2(size=m.hrnet_size, **io)
   if m.name == 'segformer':
-    return segformer.SegFormer(size=m.segformer_size, **io)
+    return segformer.SegFormer(size=m.segformer_size, drop_path=m.segformer_drop_path,
+                               dropout=m.segformer_dropout, **io)
   side_output = SideOutput(tuple(m.side_features), m.num_classes, settings) if m.dws else None
   common = dict(features=tuple(m.features), in_channels=m.in_channels, num_classes=m.num_classes,
                 side_output=side_output, settings=settings)

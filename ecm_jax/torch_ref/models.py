@@ -604,7 +604,7 @@ def build_torch_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   if m.name == 'hrnet':
     return hrnet.HRNetV2(m.hrnet_size, **io)
   if m.name == 'segformer':
-    return segformer.SegFormer(m.segformer_size, **io)
+    return segformer.SegFormer(m.segformer_size, m.segformer_drop_path, m.segformer_dropout, **io)
   features = tuple(m.features)
   side_output = (SideOutput(features[-1], tuple(m.side_features), m.num_classes, settings)
                  if m.dws else None)

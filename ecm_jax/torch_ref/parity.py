@@ -322,9 +322,9 @@ def run_jax(config: ml_collections.ConfigDict, variables: Mapping, batches: Sequ
                                       capture_intermediates=capture)
       forward[train] = (outputs, captured['intermediates'])
     loss, terms, grads, _ = step.loss_and_gradients(state, batch, model=model,
-                                                    loss_config=config.loss)
+                                                    loss_config=config.loss, seed=config.seed)
     new_state, _ = step.train_step(state, batch, model=model, tx=tx, loss_config=config.loss,
-                                   schedule=schedule)
+                                   schedule=schedule, seed=config.seed)
     return (forward, loss, terms, grads), new_state
 
   state = sharding.replicate(train_state.state_from_variables(dict(variables), tx), mesh)

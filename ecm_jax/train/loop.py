@@ -77,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   schedule = train_state.learning_rate_schedule(config, total_steps)
   state = sharding.replicate(train_state.create_train_state(model, tx, config.seed), mesh)
   train_step = sharding.jit_train_step(mesh, model=model, tx=tx, loss_config=config.loss,
-                                       schedule=schedule)
+                                       schedule=schedule, seed=config.seed)
   eval_step = sharding.jit_eval_step(mesh, model=model)
 
   iterator = data.train_iterator(

@@ -14,13 +14,20 @@ from ecm_jax.train import losses
 from ecm_jax.train.train_state import TrainState
 
 
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+  """The 'dropout' key of train step `step` (models with dropout or stochastic depth, e.g.
+  SegFormer): a function of the run's seed and the step alone, so a resumed run draws the same."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
 def loss_and_gradients(state: TrainState, batch: dict, *, model: nn.Module,
-                       loss_config: ml_collections.ConfigDict):
+                       loss_config: ml_collections.ConfigDict, seed: int = 0):
   """Train-mode forward and backward: (loss, loss terms, gradients, updated batch_stats)."""
 
   def loss_fn(params):
     outputs, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                   batch['image'], train=True, mutable=['batch_stats'])
+                                   batch['image'], train=True, mutable=['batch_stats'],
+                                   rngs={'dropout': dropout_key(seed, state.step)})
     loss, terms = losses.segmentation_loss(outputs, batch['label'], loss_config)
     return loss, (terms, updates['batch_stats'])
 
@@ -30,10 +37,11 @@ def loss_and_gradients(state: TrainState, batch: dict, *, model: nn.Module,
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, loss_config: ml_collections.ConfigDict,
-               schedule: optax.Schedule):
-  """One optimizer step on a (global) batch: `(state, batch) -> (state, metrics)`."""
+               schedule: optax.Schedule, seed: int = 0):
+  """One optimizer step on a (global) batch: `(state, batch) -> (state, metrics)`; `seed` (the
+  run's) keys dropout."""
   loss, terms, grads, batch_stats = loss_and_gradients(state, batch, model=model,
-                                                       loss_config=loss_config)
+                                                       loss_config=loss_config, seed=seed)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          batch_stats=batch_stats, opt_state=opt_state)
