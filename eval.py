@@ -25,8 +25,8 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step 
 _SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'val', 'test'], 'Split to evaluate.')
 _EXPORT = flags.DEFINE_bool('export_nifti', False, 'Write predicted masks per case as .nii.gz in '
                             'the original geometry.')
-_PREDICT = flags.DEFINE_string('predict', None, 'A .nii.gz scan or a folder of them to segment '
-                               '(instead of evaluating a split).')
+_PREDICT = flags.DEFINE_string('predict', None, 'A scan to segment (a .nii.gz file or a DICOM '
+                               'series folder) or a folder of them (instead of evaluating a split).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the masks of --predict.')
 _FOLD = flags.DEFINE_bool('fold', True, 'Use the EC fold (one 3x3 conv per EC block) for inference.')
 
@@ -36,17 +36,19 @@ def main(argv):
   if _PREDICT.value and not _OUTPUT.value:
     raise app.UsageError('--predict needs --output (a folder for the masks)')
   # pylint: disable=g-import-not-at-top  (JAX after the process start-up)
-  from ecm_jax import data
+  from ecm_jax import data, files
   from ecm_jax.evaluate import evaluation, report
   from ecm_jax.evaluate.inference import Predictor
   workdir = pathlib.Path(_WORKDIR.value)
+  if _PREDICT.value:  # checked before anything is loaded or computed
+    files.check_writable(_OUTPUT.value, '--output')
   predictor = Predictor(workdir, _CHECKPOINT.value, config=_CONFIG.value, fold=_FOLD.value)
   if _PREDICT.value:
     written = evaluation.predict_scans(predictor, _PREDICT.value, _OUTPUT.value)
     print(f'{len(written)} mask(s) written to {_OUTPUT.value}')
     return
+  out_dir = files.check_writable(workdir / 'eval' / _SPLIT.value, 'the eval folder')
   ds = data.prepare(predictor.config.data, split_file=workdir / 'splits.json')
-  out_dir = workdir / 'eval' / _SPLIT.value
   document = evaluation.evaluate_split(predictor, ds, _SPLIT.value, out_dir,
                                        export_nifti=_EXPORT.value)
   print(f'{workdir} checkpoint {predictor.step}, {_SPLIT.value} split'

@@ -1,6 +1,10 @@
-"""NIH Pancreas-CT (TCIA), NIfTI conversion, CT, 512x512, split 57/5/20.
+"""NIH Pancreas-CT (TCIA), CT, 512x512, split 57/5/20.
 
-python train.py --config configs/nih_pancreas.py --config.data.root=/data/Pancreas-CT
+data.root holds the TCIA download (Pancreas-CT/PANCREAS_XXXX/<study>/<series>/*.dcm and
+TCIA_pancreas_labels-02-05-2017/labelXXXX.nii.gz) or a NIfTI conversion (PANCREAS_XXXX.nii.gz with
+labelXXXX.nii.gz); see docs/data.md.
+
+python train.py --config configs/nih_pancreas.py --config.data.root=/data/nih_pancreas
 """
 
 from configs import default

@@ -6,10 +6,12 @@ overrides where a command takes a config, and these shared flags:
   --verbose      libraries' INFO logs and full tracebacks on errors;
   --host_memory  CPU host-memory mode (ignored on GPU/TPU; `ecm_jax.runtime`).
 `run(main, errors)` starts the process (`ecm_jax.runtime.start`) and turns the user errors in
-`errors` into one `error: ...` line on stderr and exit status 2 (the traceback with --verbose).
+`errors` into one `error: ...` line on stderr and exit status 2 (the traceback with --verbose); a
+`--config.key=value` naming no config key is one such line too, with ml_collections' suggestion.
 """
 
 from collections.abc import Callable, Sequence
+import re
 import sys
 
 from absl import app, flags
@@ -43,4 +45,19 @@ def run(main: Callable[[Sequence[str]], None],
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.` key as a one-line error (exit 2)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing key
+    text = str(e).encode().decode('unicode_escape').strip('\'"')
+    key = re.match(r"'?([^'\n]+)'?", text).group(1)
+    hint = re.search(r'Did you mean .*', text)
+    named = [arg.split('=')[0] for arg in argv[1:]
+             if arg.startswith('--config.') and key in arg.split('=')[0].split('.')]
+    print(f'error: {named[0] if named else "a --config override"}: the config has no key {key!r}'
+          + (f'. {hint.group(0)}' if hint else ''), file=sys.stderr)
+    sys.exit(2)

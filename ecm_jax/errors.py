@@ -21,5 +21,9 @@ class WorkdirError(UserError, ValueError):
   """The workdir cannot be used for this run (different config, missing checkpoint, ...)."""
 
 
+class StorageError(UserError, OSError):
+  """A folder the command must write is read-only, full or not permitted (named in the message)."""
+
+
 class NonFiniteLossError(UserError, RuntimeError):
   """Training diverged; the last good checkpoint is left in place."""

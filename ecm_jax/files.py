@@ -2,7 +2,8 @@
 
 Everything a run leaves on disk outside orbax's checkpoints (config.json, splits.json,
 metrics.jsonl on resume, eval outputs, pictures, predicted masks, the preprocessing cache, the
-synthetic demo set) is written through `atomic_path`.
+synthetic demo set) is written through `atomic_path`. `check_writable` and `check_free_space` test
+a folder before a command starts work there, so a read-only or full disk is reported at once.
 """
 
 from collections.abc import Iterator
@@ -11,8 +12,11 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 from typing import Any
 import uuid
+
+from ecm_jax.errors import StorageError
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -46,3 +50,31 @@ def write_text(path, text: str) -> None:
 
 def write_json(path, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def describe_os_error(error: OSError) -> str:
+  """'Read-only file system', 'No space left on device', ...: the OS's words for `error`."""
+  return error.strerror or str(error)
+
+
+def check_writable(folder, what: str) -> pathlib.Path:
+  """Creates `folder` (and parents) if needed and writes and removes a file there; raises
+  StorageError naming `what` (e.g. '--workdir') and the folder if it cannot. Returns the folder."""
+  folder = pathlib.Path(folder)
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder, prefix='.write-test-'):
+      pass
+  except OSError as e:
+    raise StorageError(f'{what} {folder} is not writable ({describe_os_error(e)}): choose a '
+                       f'writable folder') from e
+  return folder
+
+
+def check_free_space(folder, needed_bytes: int, what: str) -> None:
+  """Raises StorageError when the file system of `folder` has less than `needed_bytes` free."""
+  free = shutil.disk_usage(folder).free
+  if free < needed_bytes:
+    raise StorageError(f'{what} {folder}: {free / 2**20:.1f} MiB free, but about '
+                       f'{needed_bytes / 2**20:.1f} MiB are needed: free space there or choose '
+                       f'another folder')

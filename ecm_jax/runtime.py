@@ -58,6 +58,11 @@ def configure_logging(verbose: bool = False) -> None:
   project.propagate = False
   absl_logging.get_absl_logger().addFilter(
       lambda record: not any(noise in record.getMessage() for noise in _ORBAX_NOISE))
+  if not verbose:
+    # An orbax error with a traceback comes from a background save thread; the exception reaches
+    # our code too, which reports it in one line (ecm_jax.train.checkpoint).
+    absl_logging.get_absl_logger().addFilter(
+        lambda record: not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname))
 
 
 def configure_host_memory(mode: str) -> str:

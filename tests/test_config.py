@@ -6,7 +6,8 @@ import pytest
 
 from configs import default, demo
 from ecm_jax import config as config_lib
-from ecm_jax.train import checkpoint
+from ecm_jax.errors import WorkdirError
+from ecm_jax.train import workdir as workdir_lib
 
 
 def _tuple_fields(config):
@@ -46,8 +47,22 @@ def test_restart_tolerant_keys_are_not_differences():
 
 def test_workdir_guard_accepts_its_own_config_and_names_changed_keys(tmp_path):
   config = demo.get_config()
-  checkpoint.guard_workdir_config(tmp_path, config, allow_config_change=False)
-  checkpoint.guard_workdir_config(tmp_path, demo.get_config(), allow_config_change=False)
+  record = lambda c, **kw: workdir_lib.record_config(tmp_path, c, has_checkpoint=True, **kw)
+  record(config, allow_config_change=False)
+  record(demo.get_config(), allow_config_change=False)
   other = demo.get_config('unet')
-  with pytest.raises(checkpoint.WorkdirError, match=r'different config.*\n  model.cc: true -> false'):
-    checkpoint.guard_workdir_config(tmp_path, other, allow_config_change=False)
+  with pytest.raises(WorkdirError, match=r'different config.*\n  model.cc: true -> false'):
+    record(other, allow_config_change=False)
+  assert json.loads((tmp_path / 'config.json').read_text()) == config_lib.to_dict(config)
+  record(other, allow_config_change=True)
+  assert json.loads((tmp_path / 'config.json').read_text()) == config_lib.to_dict(other)
+
+
+def test_a_workdir_without_a_checkpoint_takes_a_new_config_and_drops_its_split(tmp_path):
+  first, corrected = demo.get_config(), demo.get_config()
+  first.data.root = '/no/such/folder'
+  workdir_lib.record_config(tmp_path, first, has_checkpoint=False, allow_config_change=False)
+  (tmp_path / 'splits.json').write_text('{}')
+  workdir_lib.record_config(tmp_path, corrected, has_checkpoint=False, allow_config_change=False)
+  assert json.loads((tmp_path / 'config.json').read_text()) == config_lib.to_dict(corrected)
+  assert not (tmp_path / 'splits.json').exists()

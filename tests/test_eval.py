@@ -15,6 +15,7 @@ from ecm_jax.evaluate import evaluation
 from ecm_jax.evaluate.inference import Predictor
 from ecm_jax.models.networks import build_model
 from ecm_jax.train import checkpoint, train_state
+from ecm_jax.train import workdir as workdir_lib
 from helpers import REPO, tensorboard_events  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('eval')
   config = _config(tmp)
   workdir = tmp / 'run'
-  checkpoint.guard_workdir_config(workdir, config, allow_config_change=False)
+  workdir_lib.record_config(workdir, config, has_checkpoint=False, allow_config_change=False)
   model = build_model(config.model)
   tx = train_state.make_optimizer(config, total_steps=1)
   state = train_state.create_train_state(model, tx, 0)

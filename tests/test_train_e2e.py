@@ -1,9 +1,11 @@
-"""train.py end to end on the built-in synthetic data: exact resume after SIGKILL, clean stop on
-SIGTERM, refusal of a workdir holding another config, NaN stop, and config errors."""
+"""train.py end to end on the built-in synthetic data: exact resume after SIGKILL and from behind a
+damaged checkpoint, clean stop on SIGTERM, refusal of a workdir holding another config, NaN stop,
+and config errors (more faults: tests/test_faults.py)."""
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,12 +180,35 @@ def test_workdir_with_another_config_is_refused(uninterrupted):
   assert sorted(p.name for p in (full / 'checkpoints').iterdir()) == before
 
 
-def test_unknown_config_key_is_refused(tmp_path):
-  result = subprocess.run(_train_cmd(tmp_path, tmp_path / 'w', '--config.train.bogus=1'),
+def test_unknown_config_key_is_one_line_with_the_suggestion(tmp_path):
+  result = subprocess.run(_train_cmd(tmp_path, tmp_path / 'w', '--config.train.learnin_rate=1'),
                           env=_env(tmp_path), capture_output=True, text=True)
-  assert result.returncode != 0
-  assert 'bogus' in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+      "error: --config.train.learnin_rate: the config has no key 'learnin_rate'. "
+      'Did you mean "learning_rate" instead of "learnin_rate"?')
   assert not (tmp_path / 'w').exists()
+
+
+def test_a_damaged_latest_checkpoint_is_reported_and_the_run_resumes_from_the_one_before(
+    uninterrupted):
+  """The same run as the uninterrupted one, from checkpoint 9 when checkpoint 12 is damaged."""
+  tmp, full = uninterrupted
+  workdir = tmp / 'damaged'
+  shutil.copytree(full, workdir)
+  largest = max((p for p in (workdir / 'checkpoints' / '12').rglob('*') if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  os.truncate(largest, 100)
+  result = subprocess.run(_train_cmd(tmp, workdir), env=_env(tmp), capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert (f'checkpoint 12 ({workdir / "checkpoints" / "12"}) is damaged' in result.stderr
+          and 'resumed from checkpoint 9' in result.stderr)
+  assert (workdir / 'damaged_checkpoints' / '12').is_dir()
+  step_a, params_a = _final_params(full)
+  step_b, params_b = _final_params(workdir)
+  assert step_a == step_b == 12
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

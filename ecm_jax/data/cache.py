@@ -20,8 +20,8 @@ import numpy as np
 import tqdm
 
 from ecm_jax import files
+from ecm_jax.data import dicom, preprocess, readers
 from ecm_jax.data import meta as meta_lib
-from ecm_jax.data import preprocess, readers
 from ecm_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ def preprocessing_spec(config, root) -> dict:
 def cache_key(spec: dict, cases) -> str:
   files = []
   for case in cases:
-    for path in (case.image, case.label):
+    # A DICOM series (a folder) counts by each of its files: a slice rewritten in place changes it.
+    paths = [*dicom.dicom_files(case.image), case.label] if case.image.is_dir() else [
+        case.image, case.label]
+    for path in paths:
       stat = path.stat()
       files.append([case.case_id, path.name, stat.st_size, stat.st_mtime_ns])
   text = json.dumps({'spec': spec, 'files': files}, sort_keys=True)

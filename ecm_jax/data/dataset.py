@@ -32,6 +32,17 @@ def check_config(config):
                     'give one or more non-zero label values')
   if len(config.split) != 3 or min(config.split) < 0:
     raise DataError(f'config.data.split={tuple(config.split)}: give (train, val, test) case counts')
+  for field in ('flip_prob', 'blur_prob', 'background_fraction'):
+    if not 0.0 <= config[field] <= 1.0:
+      raise DataError(f'config.data.{field}={config[field]}: a probability, must be in [0, 1]')
+  if config.rotate_degrees < 0:
+    raise DataError(f'config.data.rotate_degrees={config.rotate_degrees}: must be >= 0')
+  if not 0.0 < config.blur_sigma[0] <= config.blur_sigma[1]:
+    raise DataError(f'config.data.blur_sigma={tuple(config.blur_sigma)}: give (low, high) with '
+                    '0 < low <= high')
+  for field, least in (('num_workers', 0), ('read_threads', 1), ('prefetch', 1)):
+    if config[field] < least:
+      raise DataError(f'config.data.{field}={config[field]}: must be >= {least}')
 
 
 class SliceSource:

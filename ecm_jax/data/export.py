@@ -1,4 +1,8 @@
-"""New scans in, predictions out: preprocess an unlabelled NIfTI scan, write masks back as NIfTI.
+"""New scans in, predictions out: preprocess an unlabelled scan, write masks back as NIfTI.
+
+A scan is a NIfTI file or a DICOM series folder (`ecm_jax.data.dicom`); a series' mask is written
+in the series' geometry (the affine of its NIfTI conversion, RAS), so it overlays the DICOM images
+in 3D Slicer or ITK-SNAP.
 
 `write_prediction` resizes each (S, S) mask slice back to the original in-plane size with nearest
 neighbour, undoes the reorientation and saves a uint8 .nii.gz with the original shape, affine and
@@ -19,7 +23,10 @@ from ecm_jax.errors import DataError
 
 
 def load_scan(path, config) -> tuple[np.ndarray, meta_lib.CaseMeta]:
-  """Preprocess a scan as the cache does: (slices (N, S, S, 1) float32, CaseMeta)."""
+  """Preprocess a scan as the cache does: (slices (N, S, S, 1) float32, CaseMeta).
+
+  `path`: a NIfTI file, or a folder with one DICOM series at or below it (`readers.read_scan`).
+  """
   dataset.check_config(config)
   stack, meta = readers.read_scan(path, config)
   return preprocess.image_slices(stack, config, path), meta

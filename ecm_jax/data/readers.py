@@ -6,9 +6,16 @@ Layouts (`config.data.dataset`):
   axis, used as stored.
 - `msd`: `<root>/dataset.json`, `imagesTr/*.nii.gz`, `labelsTr/<same name>` (macOS `._*` files are
   skipped); reoriented to closest canonical RAS, slices along axis 2.
-- `nih_pancreas`: the common NIfTI conversion of NIH Pancreas-CT, `PANCREAS_XXXX.nii.gz` images and
-  `labelXXXX.nii.gz` labels anywhere under `<root>`, paired by number; slices as for `msd`.
-  The DICOM series themselves are not read: convert them first (e.g. dcm2niix).
+- `nih_pancreas`: NIH Pancreas-CT with `labelXXXX.nii.gz` labels anywhere under `<root>` (e.g. in
+  `TCIA_pancreas_labels-02-05-2017/`), paired by number with the images of one of two layouts,
+  whichever is found: the TCIA download, a `PANCREAS_XXXX/` folder per patient anywhere under
+  `<root>` (e.g. `Pancreas-CT/PANCREAS_0001/<study>/<series>/1-001.dcm`) holding one DICOM series
+  (read by `ecm_jax.data.dicom`), or a NIfTI conversion, `PANCREAS_XXXX.nii.gz` anywhere under
+  `<root>`. Both at once is an error. Slices as for `msd`.
+
+A DICOM series enters as the in-memory NIfTI image of its conversion (`dicom.load_image`), so it
+takes the NIfTI path from there on: the label's affine check, the reorientation and, through the
+image's header, predictions written back in the series' geometry.
 """
 
 import json
@@ -20,6 +27,7 @@ from typing import NamedTuple
 import nibabel as nib
 import numpy as np
 
+from ecm_jax.data import dicom
 from ecm_jax.data import meta as meta_lib
 from ecm_jax.errors import DataError
 
@@ -35,11 +43,13 @@ SLICING = {
 _KITS_CASE = re.compile(r'(synthetic_)?case_\d+')
 _NIH_IMAGE = re.compile(r'PANCREAS_(\d{4})\.nii\.gz')
 _NIH_LABEL = re.compile(r'label(\d{4})\.nii\.gz')
+_NIH_PATIENT = re.compile(r'PANCREAS_(\d{4})')
 _EXPECTED = {
     'kits19': 'case_XXXXX/imaging.nii.gz',
     'synthetic': 'synthetic_case_XXXXX/imaging.nii.gz',
     'msd': 'imagesTr/*.nii.gz',
-    'nih_pancreas': 'PANCREAS_XXXX.nii.gz with labelXXXX.nii.gz',
+    'nih_pancreas': 'PANCREAS_XXXX/ folders of DICOM series (*.dcm) or PANCREAS_XXXX.nii.gz '
+                    'images, with labelXXXX.nii.gz',
 }
 _MSD_MODALITY = {'ct': 'ct', 'mri': 'mri', 'mr': 'mri'}
 
@@ -110,14 +120,27 @@ def _check_dataset_json(path: pathlib.Path, config):
 
 
 def _nih_cases(root: pathlib.Path) -> list[CaseFiles]:
-  images, labels = _by_number(root, _NIH_IMAGE), _by_number(root, _NIH_LABEL)
-  return [CaseFiles(_stem(path), path, labels.get(number, root / f'label{number}.nii.gz'))
+  """Cases of the TCIA DICOM layout or of the NIfTI conversion, whichever is under `root`."""
+  images = _by_number(root.rglob('*.nii.gz'), _NIH_IMAGE)
+  patients = _by_number((p for p in root.rglob('PANCREAS_*') if p.is_dir()), _NIH_PATIENT)
+  # Folders named PANCREAS_XXXX without DICOM files may hold a NIfTI conversion.
+  with_dicom = next((p for p in sorted(patients.values()) if dicom.series_folders(p)), None)
+  if images and with_dicom:
+    raise DataError(
+        f'{root}: both a NIfTI conversion ({len(images)} PANCREAS_XXXX.nii.gz, e.g. '
+        f'{min(images.values())}) and DICOM series (PANCREAS_XXXX/ folders of *.dcm, e.g. '
+        f'{with_dicom}); point data.root at a folder with only one of them')
+  if with_dicom:
+    images = {number: dicom.find_series(folder) for number, folder in patients.items()}
+  labels = _by_number(root.rglob('*.nii.gz'), _NIH_LABEL)
+  return [CaseFiles(f'PANCREAS_{number}', path, labels.get(number, root / f'label{number}.nii.gz'))
           for number, path in sorted(images.items())]
 
 
-def _by_number(root: pathlib.Path, pattern: re.Pattern) -> dict[str, pathlib.Path]:
+def _by_number(paths, pattern: re.Pattern) -> dict[str, pathlib.Path]:
+  """Number (group 1 of `pattern`) -> the one of `paths` whose name matches `pattern`."""
   found = {}
-  for path in sorted(root.rglob('*.nii.gz')):
+  for path in sorted(paths):
     match = pattern.fullmatch(path.name)
     if match and match[1] in found:
       raise DataError(f'{path}: duplicate of {found[match[1]]}')
@@ -147,10 +170,18 @@ def read_case(files: CaseFiles, config):
 
 
 def read_scan(path, config):
-  """An unlabelled scan's raw slices: (image (N, H, W) float32, CaseMeta)."""
+  """An unlabelled scan's raw slices: (image (N, H, W) float32, CaseMeta).
+
+  `path` is a NIfTI file, or a folder with one DICOM series at or below it (a series or patient
+  folder); the case id is the file's stem or the folder's name.
+  """
   path = pathlib.Path(path)
+  if path.is_dir():
+    case_id, path = path.name, dicom.find_series(path)
+  else:
+    case_id = _stem(path)
   image = _open(path)
-  meta = _describe(image, CaseFiles(_stem(path), path, None), config)
+  meta = _describe(image, CaseFiles(case_id, path, None), config)
   return meta_lib.to_stack(_image_data(image, path), meta), meta
 
 
@@ -163,7 +194,10 @@ def _describe(image, files: CaseFiles, config) -> meta_lib.CaseMeta:
 
 
 def _open(path: pathlib.Path):
-  """Load a NIfTI header (data stays on disk) and check the volume is 3D."""
+  """Load a NIfTI header (data stays on disk), or read a DICOM series folder into memory, and
+  check the volume is 3D."""
+  if path.is_dir():
+    return dicom.load_image(path)
   image = _read(path, lambda: nib.load(path))
   if len(image.shape) != 3:
     raise DataError(f'{path}: {len(image.shape)}D volume of shape {image.shape}; '

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ecm_jax import data, files
-from ecm_jax.data import preprocess, readers
+from ecm_jax.data import dicom, preprocess, readers
 from ecm_jax.evaluate import metrics, plots, report
 from ecm_jax.evaluate.inference import Predictor
 from ecm_jax.train import logs
@@ -110,29 +110,35 @@ def _pictures(predictor: Predictor, ds, pictures, slice_counts,
 
 
 def scan_paths(path) -> list[pathlib.Path]:
-  """A .nii/.nii.gz file, or every such file in a folder (sorted)."""
+  """The scans `path` names: a .nii/.nii.gz file or a DICOM series folder (one series at or
+  below it), or a folder of such files and series folders (sorted)."""
   path = pathlib.Path(path)
-  if path.is_dir():
-    found = sorted(p for p in path.iterdir()
-                   if p.name.endswith(('.nii', '.nii.gz')) and not p.name.startswith('._'))
-    if not found:
-      raise data.DataError(f'{path}: no .nii or .nii.gz files in this folder')
-    return found
   if not path.exists():
     raise data.DataError(f'{path}: no such file or folder')
-  return [path]
+  if not path.is_dir():
+    return [path]
+  nifti = sorted(p for p in path.iterdir()
+                 if p.name.endswith(('.nii', '.nii.gz')) and not p.name.startswith('._'))
+  if not nifti and len(dicom.series_folders(path)) == 1:  # a series or a patient folder
+    return [path]
+  found = sorted(nifti + [p for p in path.iterdir() if p.is_dir() and dicom.series_folders(p)])
+  if not found:
+    raise data.DataError(f'{path}: no .nii or .nii.gz files or DICOM series folders in this '
+                         'folder')
+  return found
 
 
 def predict_scans(predictor: Predictor, inputs, output_dir) -> list[pathlib.Path]:
-  """Segments new scans: each input NIfTI -> a uint8 mask NIfTI of the same name and geometry."""
+  """Segments new scans: each input (NIfTI or DICOM series folder) -> a uint8 mask NIfTI of the
+  same name (a series folder's name + .nii.gz) and geometry."""
   output_dir = pathlib.Path(output_dir)
   paths = scan_paths(inputs)
   output_dir.mkdir(parents=True, exist_ok=True)
   written = []
   for path in tqdm(paths, desc='predict', unit='scan', disable=None):
     slices, meta = data.load_scan(path, predictor.config.data)
-    out_path = output_dir / path.name if path.name.endswith('.gz') else output_dir / (
-        path.name + '.gz')
+    name = path.name + '.nii.gz' if path.is_dir() else path.name.removesuffix('.gz') + '.gz'
+    out_path = output_dir / name
     _write_prediction_atomic(predictor.predict(slices), meta, out_path)
     written.append(out_path)
   return written

@@ -8,9 +8,11 @@ import ml_collections
 import numpy as np
 
 from ecm_jax import config as config_lib
+from ecm_jax.errors import WorkdirError
 from ecm_jax.models.fold import fold_ec, has_ec_blocks
 from ecm_jax.models.networks import attention_maps, build_model
 from ecm_jax.train import checkpoint, step
+from ecm_jax.train import workdir as workdir_lib
 
 
 def batched_logits(logits_fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -38,14 +40,14 @@ class Predictor:
                batch_size: int | None = None):
     self.workdir = pathlib.Path(workdir)
     if not self.workdir.is_dir():
-      raise checkpoint.WorkdirError(f'{self.workdir}: no such run directory')
-    self.config = checkpoint.load_run_config(self.workdir)
+      raise WorkdirError(f'{self.workdir}: no such run directory')
+    self.config = workdir_lib.load_run_config(self.workdir)
     if config is not None:
       # The model is what the checkpoints mean; data and train keys may differ (another data.root).
       diff = config_lib.differences({'model': config_lib.to_dict(self.config.model)},
                                     {'model': config_lib.to_dict(config.model)})
       if diff:
-        raise checkpoint.WorkdirError(
+        raise WorkdirError(
             f'the checkpoints in {self.workdir} were trained with a different model config than '
             f'the one given:\n  ' + '\n  '.join(diff))
     self.model = build_model(self.config.model)

@@ -1,16 +1,17 @@
-"""Run directories: the resolved config guard and orbax checkpoints (train state + data iterator).
+"""Orbax checkpoints of a run (train state + data iterator) in `<workdir>/checkpoints/<step>`.
 
-Layout of a workdir:
-  config.json        the resolved config of the run (a restart must match it)
-  splits.json        the case-level split (written once, honoured afterwards)
-  checkpoints/<step> orbax checkpoints: the latest `train.checkpoint_keep` and the best by val Dice
-  metrics.jsonl      one JSON object per logged step / validation
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a crash
-mid-save leaves the previous checkpoints intact and no half checkpoint is ever restored.
+mid-save leaves the previous checkpoints intact and no half checkpoint is ever restored. A
+checkpoint damaged later (a truncated or lost file) is reported by step and path when it fails to
+read, and the next older one is used (`restore_newest_readable`, `restore_variables`). A save that
+fails for lack of space (or any write error) ends in a `StorageError` saying which checkpoints are
+still there (`save`, `wait_until_finished`).
 """
 
-import json
+from collections.abc import Callable
+import logging
 import pathlib
+import shutil
 
 import grain
 import jax
@@ -18,36 +19,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from ecm_jax import config as config_lib
-from ecm_jax import files
-from ecm_jax.errors import WorkdirError
+from ecm_jax.errors import StorageError, WorkdirError
 from ecm_jax.models.networks import build_model
 from ecm_jax.train import train_state
-
-
-def guard_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict,
-                         allow_config_change: bool) -> None:
-  """Refuses to reuse a workdir that holds a run of another config; then records this config."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / 'config.json'
-  new = config_lib.to_dict(config)
-  if path.exists() and not allow_config_change:
-    diff = config_lib.differences(json.loads(path.read_text()), new)
-    if diff:
-      raise WorkdirError(
-          f'{workdir} holds a run with a different config ({path}):\n  ' + '\n  '.join(diff) +
-          '\nUse another --workdir, or pass --allow_config_change to continue this run with the '
-          'new config.')
-  if jax.process_index() == 0:
-    files.write_json(path, new)
-
-
-def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The resolved config a run recorded, as a ConfigDict (for eval and inference)."""
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise WorkdirError(f'{workdir} is not a training run: {path} is missing.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def checkpoint_manager(workdir: pathlib.Path, keep_latest: int, read_only: bool = False):
@@ -60,15 +34,72 @@ def checkpoint_manager(workdir: pathlib.Path, keep_latest: int, read_only: bool 
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=lambda m: m['val_dice'], best_mode='max',
       read_only=read_only, create=not read_only,
+      cleanup_tmp_directories=not read_only,  # what a failed save left behind
       save_interval_steps=0 if read_only else 1)  # orbax warns about a read-only interval > 0
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints', options=options)
 
 
+_log = logging.getLogger(__name__)
+DAMAGED_FOLDER = 'damaged_checkpoints'
+# The OS's words for a failed write, as tensorstore quotes them inside its ValueErrors.
+_WRITE_FAILURES = ('No space left on device', 'Read-only file system', 'File too large',
+                   'Disk quota exceeded', 'Permission denied')
+
+
+def _short(error: BaseException) -> str:
+  """The first line of the innermost cause (tensorstore's own words, e.g. 'OUT_OF_RANGE: Error
+  reading ...', rather than orbax's wrapper)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).splitlines()[0][:240] if str(error) else type(error).__name__
+  return text if ':' in text else f'{type(error).__name__}: {text}'
+
+
+def _write_failure_reason(error: BaseException | None) -> str | None:
+  """The OS's words if `error` or one of its causes is a failed write (not a bug), else None."""
+  while error is not None:
+    if isinstance(error, OSError):
+      return error.strerror or str(error)
+    for words in _WRITE_FAILURES:
+      if words in str(error):
+        return words
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _write_failure(reason: str, step: int | None, manager) -> StorageError:
+  kept = ', '.join(map(str, manager.all_steps())) or 'none'
+  what = f'checkpoint {step}' if step is not None else 'a checkpoint'
+  return StorageError(
+      f'could not write {what} to {manager.directory} ({reason}). The checkpoints there are '
+      f'intact (steps: {kept}); free space in that file system and rerun the same command to '
+      'resume from the latest.')
+
+
 def save(manager, step: int, state, data_iterator, metrics: dict | None = None) -> None:
+  """Starts saving checkpoint `step` (orbax finishes it in the background); a write error of this
+  or of the previous save raises StorageError."""
   args = {'state': ocp.args.StandardSave(state)}
   if data_iterator is not None:
     args['data_iter'] = grain.checkpoint.CheckpointSave(data_iterator)
-  manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+  try:
+    manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+  except Exception as e:  # pylint: disable=broad-except  (tensorstore raises plain ValueErrors)
+    reason = _write_failure_reason(e)
+    if reason:
+      raise _write_failure(reason, step, manager) from e
+    raise
+
+
+def wait_until_finished(manager) -> None:
+  """Waits for a background save; its write error raises StorageError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    reason = _write_failure_reason(e)
+    if reason:
+      raise _write_failure(reason, None, manager) from e
+    raise
 
 
 def restore(manager, step: int, abstract_state, data_iterator=None):
@@ -78,6 +109,49 @@ def restore(manager, step: int, abstract_state, data_iterator=None):
   if data_iterator is not None:
     args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iterator)
   return manager.restore(step, args=ocp.args.Composite(**args))['state']
+
+
+def _first_readable(manager, steps, read: Callable[[int], object], hint: str):
+  """(step, read(step), [(newer step, its error)]) for the first of `steps` that `read` restores;
+  WorkdirError listing every failure when none does."""
+  failures = []
+  for step in steps:
+    try:
+      return step, read(step), failures
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore, json, missing files)
+      failures.append((step, e))
+  raise WorkdirError(f'no checkpoint in {manager.directory} could be read: ' + '; '.join(
+      f'step {step}: {_short(error)}' for step, error in failures) + hint)
+
+
+_CONFIG_HINT = ('. If they were written under another config, use that config (the run\'s '
+                'config.json).')
+
+
+def restore_newest_readable(manager, abstract_state, data_iterator,
+                            report: Callable[[str], None]) -> tuple[int, object]:
+  """(step, state) of the newest checkpoint that reads (state and iterator, as `restore`).
+
+  Checkpoints newer than that one failed to read while an older one of the same run read: they
+  are damaged, reported through `report` by step, path and error, and moved to
+  `<workdir>/damaged_checkpoints/` (kept for inspection; training then saves those steps anew).
+  When none reads (e.g. none fits this config's model), nothing is moved and WorkdirError lists
+  each failure.
+  """
+  step, state, failures = _first_readable(
+      manager, sorted(manager.all_steps(), reverse=True),
+      lambda step: restore(manager, step, abstract_state, data_iterator), _CONFIG_HINT)
+  damaged_root = pathlib.Path(manager.directory).parent / DAMAGED_FOLDER
+  for bad_step, error in failures:
+    source, target = pathlib.Path(manager.directory) / str(bad_step), damaged_root / str(bad_step)
+    damaged_root.mkdir(exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)  # an older copy of that same step
+    shutil.move(source, target)
+    report(f'checkpoint {bad_step} ({source}) is damaged ({_short(error)}); moved it to {target} '
+           f'and resumed from checkpoint {step}')
+  if failures:
+    manager.reload()
+  return step, state
 
 
 def resolve_step(manager, which: str) -> int:
@@ -109,12 +183,15 @@ def restore_variables(workdir: pathlib.Path, config: ml_collections.ConfigDict, 
   manager = checkpoint_manager(workdir, 1, read_only=True)
   try:
     step = resolve_step(manager, which)
-    try:
-      state = restore(manager, step, abstract)
-    except (ValueError, KeyError, TypeError) as e:
-      raise WorkdirError(
-          f'checkpoint {step} in {manager.directory} does not fit the model of '
-          f'{pathlib.Path(workdir) / "config.json"} ({type(e).__name__}: {e})') from e
+    # 'best' / 'latest' fall back to the next older readable checkpoint; a given step does not.
+    steps = [step] + ([other for other in sorted(manager.all_steps(), reverse=True)
+                       if other != step] if which in ('best', 'latest') else [])
+    step, state, failures = _first_readable(manager, steps,
+                                            lambda step: restore(manager, step, abstract),
+                                            _CONFIG_HINT)
+    for bad_step, error in failures:
+      _log.warning('checkpoint %d (%s) is damaged (%s); using checkpoint %d instead', bad_step,
+                   pathlib.Path(manager.directory) / str(bad_step), _short(error), step)
   finally:
     manager.close()
   return step, {'params': state.params, 'batch_stats': state.batch_stats}

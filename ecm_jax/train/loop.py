@@ -5,34 +5,61 @@ next batch and dispatching the jitted step; metrics are pulled from the devices 
 `train.log_every_steps` steps (and before each checkpoint, so a NaN is never saved).
 """
 
+import contextlib
 import pathlib
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
-from ecm_jax import data, runtime
+from ecm_jax import data, files, runtime
 from ecm_jax.errors import ConfigError, NonFiniteLossError
 from ecm_jax.evaluate import metrics as metrics_lib
 from ecm_jax.evaluate import plots
 from ecm_jax.models.networks import build_model
 from ecm_jax.train import checkpoint, logs, losses, sharding, train_state
+from ecm_jax.train import workdir as workdir_lib
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the loss and train sections (model and data sections check themselves)."""
+def validate_config(config: ml_collections.ConfigDict, mesh=None) -> nn.Module:
+  """Checks every section of `config` before anything is read or written; returns the model.
+
+  Raises ConfigError (or DataError for `config.data`) naming the key and the accepted values.
+  mesh: the devices the batches are split over (divisibility); default every device.
+  """
+  try:
+    model = build_model(config.model)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}' if str(e).startswith('model.') else str(e)) from e
+  data.check_config(config.data)
+  size, multiple, smallest = config.data.image_size, model.input_multiple(), model.smallest_input()
+  if size % multiple or size < smallest:
+    raise ConfigError(f'config.data.image_size={size}: model.name={config.model.name!r} needs a '
+                      f'multiple of {multiple}, at least {smallest}')
   if config.loss.main not in losses.MAIN_LOSSES:
     raise ConfigError(f'config.loss.main must be one of {losses.MAIN_LOSSES}, got '
                       f'{config.loss.main!r}')
   if config.loss.alpha is not None and not 0.0 <= config.loss.alpha <= 1.0:
     raise ConfigError(f'config.loss.alpha must be in [0, 1] or None, got {config.loss.alpha}')
+  if config.loss.dice_smooth < 0:
+    raise ConfigError(f'config.loss.dice_smooth must be >= 0, got {config.loss.dice_smooth}')
+  t = config.train
   for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'eval_every_epochs',
               'checkpoint_keep', 'log_every_steps', 'checkpoint_every_steps'):
-    if config.train[key] < 1:
-      raise ConfigError(f'config.train.{key} must be >= 1, got {config.train[key]}')
-  if config.train.max_steps is not None and config.train.max_steps < 1:
-    raise ConfigError(f'config.train.max_steps must be >= 1, got {config.train.max_steps}')
+    if t[key] < 1:
+      raise ConfigError(f'config.train.{key} must be >= 1, got {t[key]}')
+  if t.max_steps is not None and t.max_steps < 1:
+    raise ConfigError(f'config.train.max_steps must be >= 1, got {t.max_steps}')
+  if not t.learning_rate > 0:
+    raise ConfigError(f'config.train.learning_rate must be > 0, got {t.learning_rate}')
+  if not t.weight_decay >= 0:
+    raise ConfigError(f'config.train.weight_decay must be >= 0, got {t.weight_decay}')
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  sharding.check_batch_divisible(t.batch_size, mesh)
+  sharding.check_batch_divisible(t.eval_batch_size, mesh, 'train.eval_batch_size')
+  return model
 
 
 def _process_slice(batch: dict) -> dict:
@@ -54,15 +81,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                        allow_config_change: bool = False) -> train_state.TrainState:
   """Trains (or resumes) the run in `workdir` to `total_steps`; returns the final state."""
   workdir = pathlib.Path(workdir)
-  validate_config(config)
   mesh = sharding.make_mesh()
-  sharding.check_batch_divisible(config.train.batch_size, mesh)
-  sharding.check_batch_divisible(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
-  try:
-    model = build_model(config.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  checkpoint.guard_workdir_config(workdir, config, allow_config_change)
+  model = validate_config(config, mesh)
+  files.check_writable(workdir, '--workdir')
+  # One process holds the lock for the job (the workdir is shared by all of them).
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train(config, workdir, model, mesh, stop, allow_config_change)
+
+
+def _train(config, workdir, model, mesh, stop, allow_config_change) -> train_state.TrainState:
+  manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_keep)
+  workdir_lib.record_config(workdir, config, has_checkpoint=bool(manager.all_steps()),
+                            allow_config_change=allow_config_change,
+                            write=jax.process_index() == 0)
+  # Room for one more checkpoint beside the kept ones, checked before any work is done.
+  state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(
+      train_state.abstract_train_state(model, train_state.make_optimizer(config, 1))))
+  files.check_free_space(workdir, 2 * state_bytes, '--workdir')
 
   ds = data.prepare(config.data, split_file=workdir / 'splits.json')
   global_batch = config.train.batch_size
@@ -83,12 +119,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   iterator = data.train_iterator(
       ds, config.data, batch_size=global_batch // jax.process_count(), seed=config.seed,
       shard_index=jax.process_index(), shard_count=jax.process_count())
-  manager = checkpoint.checkpoint_manager(workdir, config.train.checkpoint_keep)
-  start_step = manager.latest_step() or 0
-  if start_step:
-    state = checkpoint.restore(manager, start_step, state, iterator)
+  start_step, damaged = 0, []
+  if manager.all_steps():
+    start_step, state = checkpoint.restore_newest_readable(manager, state, iterator,
+                                                           damaged.append)
   log = logs.RunLog(workdir, start_step=start_step, total_steps=total_steps,
                     batch_size=global_batch, enabled=jax.process_index() == 0)
+  for message in damaged:
+    log.message(message)
   if start_step:
     log.message(f'resumed from {manager.directory} at step {start_step}')
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -154,9 +192,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
           save(step)
         log.message(f'{stop.signal_name}: saved step {step} to {manager.directory}; exiting.')
         break
+    checkpoint.wait_until_finished(manager)
   finally:
     log.close()
     iterator.close()  # stops grain's worker processes and frees their shared memory
-    manager.wait_until_finished()
+    try:
+      manager.wait_until_finished()  # after an error: a save still running is not lost
+    except Exception:  # pylint: disable=broad-except  (the first error is the one raised)
+      pass
     manager.close()
   return state

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from ecm_jax.errors import ConfigError
 from ecm_jax.train import step
 
 
@@ -25,8 +26,8 @@ def make_mesh(devices=None) -> Mesh:
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = 'train.batch_size') -> None:
   n = mesh.devices.size
   if global_batch % n:
-    raise ValueError(f'config.{what}={global_batch} is not divisible by the {n} devices of the '
-                     f'mesh; use a multiple of {n}.')
+    raise ConfigError(f'config.{what}={global_batch} is not divisible by the {n} devices of the '
+                      f'mesh; use a multiple of {n}.')
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
