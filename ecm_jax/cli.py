@@ -6,19 +6,23 @@ overrides where a command takes a config, and these shared flags:
   --verbose      libraries' INFO logs and full tracebacks on errors;
   --host_memory  CPU host-memory mode (ignored on GPU/TPU; `ecm_jax.runtime`).
 `run(main, errors)` starts the process (`ecm_jax.runtime.start`) and turns the user errors in
-`errors` into one `error: ...` line on stderr and exit status 2 (the traceback with --verbose); a
-`--config.key=value` naming no config key is one such line too, with ml_collections' suggestion.
+`errors` into one `error: ...` line on stderr and exit status 2 (the traceback with --verbose); so
+are a failed write for lack of space or permission (wherever it happens: a picture, a log line) and
+a `--config.key=value` naming no config key (with ml_collections' suggestion).
 """
 
 from collections.abc import Callable, Sequence
+import os
 import re
 import sys
 
 from absl import app, flags
 
-from ecm_jax import runtime
+from ecm_jax import files, runtime
+from ecm_jax.errors import StorageError
 
 VERBOSE = flags.DEFINE_bool('verbose', False, 'Show library INFO logs and full tracebacks.')
+
 HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto', runtime.HOST_MEMORY_MODES,
                                 runtime.HOST_MEMORY_HELP)
 
@@ -42,10 +46,25 @@ def run(main: Callable[[Sequence[str]], None],
     except errors as e:
       if VERBOSE.value:
         raise
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+      _exit_with(str(e), storage=isinstance(e, StorageError))
+    except OSError as e:
+      if VERBOSE.value or e.errno not in files.STORAGE_ERRNOS:
+        raise
+      _exit_with(f'could not write {e.filename or "a file"} ({e.strerror}): free space there or '
+                 'make it writable, then rerun the same command (training resumes from its latest '
+                 'checkpoint)', storage=True)
 
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def _exit_with(message: str, storage: bool) -> None:
+  """`error: message` on stderr and exit status 2. After a failed write the process ends at once:
+  what is on disk is safe, and the exit handlers of libraries (a TensorBoard writer flushing to a
+  full disk) would only add their tracebacks."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  if storage:
+    os._exit(2)  # pylint: disable=protected-access
+  sys.exit(2)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ a folder before a command starts work there, so a read-only or full disk is repo
 
 from collections.abc import Iterator
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -17,6 +18,9 @@ from typing import Any
 import uuid
 
 from ecm_jax.errors import StorageError
+
+# Write failures a user fixes on the machine (space, quota, permissions), not bugs.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM)
 
 
 def _remove(path: pathlib.Path) -> None:

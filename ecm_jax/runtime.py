@@ -5,6 +5,7 @@ CPU-specific (`ecm_jax.cpu.host_memory`) is chosen here once, from the platform 
 run on, decided without starting JAX; a GPU/TPU process never imports or configures it.
 """
 
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -63,6 +64,17 @@ def configure_logging(verbose: bool = False) -> None:
     # our code too, which reports it in one line (ecm_jax.train.checkpoint).
     absl_logging.get_absl_logger().addFilter(
         lambda record: not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname))
+    # After a failed save, orbax's other write tasks are reported by asyncio, and tensorstore's
+    # callbacks into orbax's closed event loop print through sys.excepthook: the save's own error
+    # is reported once, by ecm_jax.train.checkpoint.
+    logging.getLogger('asyncio').addFilter(
+        lambda record: 'exception was never retrieved' not in record.getMessage())
+    sys.excepthook = functools.partial(_skip_closed_loop_errors, sys.excepthook)
+
+
+def _skip_closed_loop_errors(excepthook, kind, value, traceback):
+  if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+    excepthook(kind, value, traceback)
 
 
 def configure_host_memory(mode: str) -> str:

@@ -18,11 +18,11 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 SMALL = dict(features=(4, 8, 16, 32, 64), mus_channels=8, side_features=(8, 8, 4), cc_hidden=4,
              se_reduction=4, cenet_features=(4, 8, 16, 32), msunet_features=(4, 8, 16, 32, 64),
              hrnet_size='w4_small_v2', segformer_size='b0', conv_impl='xla')
-# Gradients are checked on the full model and on each baseline architecture; the other ec_cam_unet
-# rows (Tables II, III) are built from the full model's blocks and are checked forward only (train
-# and eval), to keep compile time in bounds.
-GRADIENT_ROWS = ('ec_cam_unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet', 'cenet',
-                 'msunet', 'hrnet', 'segformer')
+# Gradients are checked on the full model and on each U-Net baseline; the other ec_cam_unet rows
+# (Tables II, III) are built from the full model's blocks and are checked forward only (train and
+# eval), to keep compile time in bounds, as are CE-Net, MSU-Net, HRNetV2 and SegFormer, whose
+# gradients their own test modules compare with PyTorch.
+GRADIENT_ROWS = ('ec_cam_unet', 'unet_se', 'unet_cbam', 'attention_unet', 'unet_pp', 'danet')
 
 
 def small_config(variant='ec_cam_unet', **overrides):

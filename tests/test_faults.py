@@ -214,3 +214,23 @@ def test_config_values_are_checked_before_anything_is_read(tmp_path, key, value,
   with pytest.raises(error, match=message):
     trainer.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()
+
+
+def test_train_py_on_a_disk_that_fills_mid_run_ends_in_one_line_keeping_its_checkpoint(tmp_path):
+  """The first checkpoint (step 3, 1.2 MB) fits on the 2.3 MB disk, the second does not."""
+  with tmpfs(tmp_path / 'disk', 'size=2300k') as disk:
+    command = [sys.executable, 'train.py', '--config', 'configs/demo.py',
+               f'--workdir={disk}/run', f'--config.data.cache_dir={tmp_path}/cache',
+               '--config.data.image_size=32', '--config.model.features=(4,8,8,16,16)',
+               '--config.model.mus_channels=4', '--config.model.side_features=(4,4,4)',
+               '--config.model.conv_impl=xla', '--config.train.max_steps=6',
+               '--config.train.checkpoint_every_steps=3']
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')  # one device: the sizes above
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: could not write') and 'No space left on device' in last
+    assert 'Traceback' not in result.stderr
+    manager = checkpoint.checkpoint_manager(disk / 'run', 2, read_only=True)
+    assert manager.all_steps() == [3]
+    manager.close()

@@ -42,7 +42,8 @@ def train_and_eval(model, variables, x, with_gradients):
 
   def loss_fn(params):
     outputs, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                                   train=True, mutable=['batch_stats'])
+                                   train=True, mutable=['batch_stats'],
+                                   rngs={'dropout': jax.random.key(0)})  # SegFormer's drop-path
     loss = sum(jnp.mean(jnp.square(logits)) for logits in outputs.values())
     return loss, (outputs, updates['batch_stats'])
 
@@ -240,8 +241,9 @@ def test_float64_model_is_float64_throughout(variant):
         return loss, (outputs, {**updates, 'terms': terms})
       return jax.value_and_grad(loss_fn, has_aux=True)(v['params'])
 
-    (loss, (outputs, updates)), grads = jax.eval_shape(loss_and_grads, variables,
-                                               jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+    size = max(32, model.smallest_input())
+    (loss, (outputs, updates)), grads = jax.eval_shape(
+        loss_and_grads, variables, jax.ShapeDtypeStruct((2, size, size, 1), jnp.float32))
   leaves = jax.tree.leaves((variables, loss, grads, outputs, updates))
   assert len(outputs) == (2 if variant == 'ec_cam_unet' else 1)
   assert {leaf.dtype for leaf in leaves} == {jnp.dtype('float64')}

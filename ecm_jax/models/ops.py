@@ -91,13 +91,6 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), 'bilinear', antialias=False)
 
 
-def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
-  """PyTorch `max_pool2d(x, window, stride, padding)` (floor mode; padding counts as -inf)."""
-  init = jnp.array(-jnp.inf, x.dtype)
-  return lax.reduce_window(x, init, lax.max, (1, window, window, 1), (1, stride, stride, 1),
-                           ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-
-
 def upsample_patches(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Transposed convolution with kernel size == stride (no overlap), as one matmul + depth-to-space.
 

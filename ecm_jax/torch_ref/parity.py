@@ -49,19 +49,26 @@ from ecm_jax import tables
 from ecm_jax.data.synthetic import noise_batches
 from ecm_jax.models import networks
 from ecm_jax.models.networks import build_model
+from ecm_jax.torch_ref import cenet as torch_cenet
 from ecm_jax.torch_ref import convert
+from ecm_jax.torch_ref import hrnet as torch_hrnet
 from ecm_jax.torch_ref import losses as torch_losses
 from ecm_jax.torch_ref import models as torch_models
+from ecm_jax.torch_ref import msunet as torch_msunet
+from ecm_jax.torch_ref import segformer as torch_segformer
 from ecm_jax.torch_ref import training as torch_training
 from ecm_jax.train import checkpoint, sharding, step, train_state
 
 # Torch mirror classes whose outputs are the report's per-block rows (encoder levels, decoder
-# stages and U-Net++ nodes are DoubleConv; CoAGMuSFu is the fused bottleneck output F_out).
+# stages and U-Net++ nodes are DoubleConv; CoAGMuSFu is the fused bottleneck output F_out; each
+# Table I network of its own design names its own).
 BLOCK_TYPES = (
     torch_models.DoubleConv, torch_models.CoAGMuSFu, torch_models.CollaborativeAttention,
     torch_models.ChannelCorrelation, torch_models.SpatialCorrelation, torch_models.MultiScale,
     torch_models.SqueezeExcitation, torch_models.CBAM, torch_models.AttentionGate,
     torch_models.DualAttention, torch_models.PositionAttention, torch_models.ChannelAttention,
+    *torch_cenet.BLOCK_TYPES, *torch_msunet.BLOCK_TYPES, *torch_hrnet.BLOCK_TYPES,
+    *torch_segformer.BLOCK_TYPES,
 )
 WORST = 5  # per-parameter sections list this many worst entries
 # A gradient's relative difference is taken against max(its max|b|, GRADIENT_FLOOR x the largest
@@ -244,8 +251,11 @@ def run_torch(config: ml_collections.ConfigDict, variables: Mapping, batches: Se
   """The PyTorch mirror in `dtype` from `variables` on `batches` (JAX layout)."""
   model = torch_models.build_torch_model(config.model).to(dtype)
   variables = _cast(variables, np.float64 if dtype == torch.float64 else np.float32)
+  # A copy, not a view: a 1-channel transpose keeps a stride on its size-1 channel axis that makes
+  # torch run every layer channels-last, where torch 2.13 CPU's oneDNN backward of a strided 1x1
+  # conv corrupts the heap (seen in CE-Net's encoder).
   torch_batches = [
-      {'image': torch.from_numpy(np.ascontiguousarray(b['image'].transpose(0, 3, 1, 2))).to(dtype),
+      {'image': torch.from_numpy(b['image'].transpose(0, 3, 1, 2).copy()).to(dtype),
        'label': torch.from_numpy(b['label']).long()} for b in batches]
   wanted = set(block_names(model))
   captured = {}
@@ -416,10 +426,18 @@ def run(config: ml_collections.ConfigDict, *, steps: int, variables: Mapping | N
   return report
 
 
+def _size(m: ml_collections.ConfigDict) -> str:
+  """The size fields `build_model` reads for the model's name."""
+  sizes = {'cenet': ('cenet_features',), 'msunet': ('msunet_features',), 'hrnet': ('hrnet_size',),
+           'segformer': ('segformer_size',)}
+  return ', '.join(f'{key} {m[key]!r}' if isinstance(m[key], str) else f'{key} {tuple(m[key])}'
+                   for key in sizes.get(m.name, ('features',)))
+
+
 def _describe(config: ml_collections.ConfigDict, steps: int, float64: bool) -> str:
   m = config.model
   return (f'JAX {jax.__version__} / flax {flax.__version__} vs PyTorch {torch.__version__}: '
-          f'{m.name} (variant {config.get("variant", "-")}), features {tuple(m.features)}, '
+          f'{m.name} (variant {config.get("variant", "-")}), {_size(m)}, '
           f'conv_impl {m.conv_impl}, {"float64" if float64 else "float32"}, batch '
           f'{config.train.batch_size} x {config.data.image_size}x{config.data.image_size} '
           f'(seed {config.seed}), {steps} optimizer steps (lr {config.train.learning_rate:g}, '

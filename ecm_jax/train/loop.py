@@ -193,6 +193,10 @@ def _train(config, workdir, model, mesh, stop, allow_config_change) -> train_sta
         log.message(f'{stop.signal_name}: saved step {step} to {manager.directory}; exiting.')
         break
     checkpoint.wait_until_finished(manager)
+  except OSError as e:
+    if e.errno in files.STORAGE_ERRNOS:  # e.g. a picture on a disk a checkpoint has just filled
+      checkpoint.wait_until_finished(manager)  # that checkpoint's failure is the one to report
+    raise
   finally:
     log.close()
     iterator.close()  # stops grain's worker processes and frees their shared memory
