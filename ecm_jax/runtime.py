@@ -65,16 +65,26 @@ def configure_logging(verbose: bool = False) -> None:
     absl_logging.get_absl_logger().addFilter(
         lambda record: not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname))
     # After a failed save, orbax's other write tasks are reported by asyncio, and tensorstore's
-    # callbacks into orbax's closed event loop print through sys.excepthook: the save's own error
-    # is reported once, by ecm_jax.train.checkpoint.
+    # callbacks into orbax's closed event loop print through sys.excepthook or, from its threads,
+    # sys.unraisablehook: the save's own error is reported once, by ecm_jax.train.checkpoint.
     logging.getLogger('asyncio').addFilter(
         lambda record: 'exception was never retrieved' not in record.getMessage())
     sys.excepthook = functools.partial(_skip_closed_loop_errors, sys.excepthook)
+    sys.unraisablehook = functools.partial(_skip_closed_loop_unraisable, sys.unraisablehook)
+
+
+def _is_closed_loop_error(kind, value) -> bool:
+  return kind is RuntimeError and str(value) == 'Event loop is closed'
 
 
 def _skip_closed_loop_errors(excepthook, kind, value, traceback):
-  if not (kind is RuntimeError and str(value) == 'Event loop is closed'):
+  if not _is_closed_loop_error(kind, value):
     excepthook(kind, value, traceback)
+
+
+def _skip_closed_loop_unraisable(unraisablehook, unraisable):
+  if not _is_closed_loop_error(unraisable.exc_type, unraisable.exc_value):
+    unraisablehook(unraisable)
 
 
 def configure_host_memory(mode: str) -> str:

@@ -20,9 +20,9 @@ concat [F_4, F_3, F_2, F_1] (4D) -> Conv1x1 (no bias) -> BN -> ReLU -> channel d
 (`Dropout2d`) -> Conv1x1 with bias to the classes, at H/4; the logits are resized bilinearly to the
 input size (x4), as mmseg's `EncoderDecoder` does.
 
-Widths, depths and D per size are `SIZES` (BASELINES: B0 3,711,265 parameters at 1 channel and 1
-class). The official head also holds BaseDecodeHead's `conv_seg`, which its forward never uses;
-it is left out (no effect on the function). Stochastic depth rises linearly from 0 (first block)
+Widths, depths and D per size are `SIZES` (B0: 3,711,265 parameters at 1 channel and 1 class,
+as the official code). The official head also holds BaseDecodeHead's `conv_seg`, which its
+forward never uses; it is left out (no effect on the function). Stochastic depth rises linearly from 0 (first block)
 to `drop_path` (last block) over all blocks, the decoder dropout is `dropout` (both 0.1 in the
 official configs); both are active only for `train=True` with a rate > 0 and draw from the
 'dropout' rng (`self.make_rng('dropout')`, via `flax.linen.Dropout`, which draws nothing at rate 0).
