@@ -56,11 +56,6 @@ def write_json(path, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
 
-def describe_os_error(error: OSError) -> str:
-  """'Read-only file system', 'No space left on device', ...: the OS's words for `error`."""
-  return error.strerror or str(error)
-
-
 def check_writable(folder, what: str) -> pathlib.Path:
   """Creates `folder` (and parents) if needed and writes and removes a file there; raises
   StorageError naming `what` (e.g. '--workdir') and the folder if it cannot. Returns the folder."""
@@ -70,7 +65,7 @@ def check_writable(folder, what: str) -> pathlib.Path:
     with tempfile.TemporaryFile(dir=folder, prefix='.write-test-'):
       pass
   except OSError as e:
-    raise StorageError(f'{what} {folder} is not writable ({describe_os_error(e)}): choose a '
+    raise StorageError(f'{what} {folder} is not writable ({e.strerror or e}): choose a '
                        f'writable folder') from e
   return folder
 
