@@ -83,3 +83,20 @@ def tensorboard_events(workdir):
                       for tag in tags['scalars']},
           'images': {tag: [(e.step, e.height, e.width) for e in events.Images(tag)]
                      for tag in tags['images']}}
+
+
+def losses_over_one_step(config, variables, batch):
+  """The product train step (`step.train_step`, the config's optimizer and schedule over 10 steps)
+  from `variables` on `batch`, twice: (loss before the update, loss after it, first metrics)."""
+  from ecm_jax.models.networks import build_model  # pylint: disable=g-import-not-at-top
+  from ecm_jax.train import step, train_state  # pylint: disable=g-import-not-at-top
+  tx = train_state.make_optimizer(config, total_steps=10)
+  schedule = train_state.learning_rate_schedule(config, 10)
+  model = build_model(config.model)
+  state = train_state.state_from_variables(variables, tx)
+  train = jax.jit(lambda state, batch: step.train_step(
+      state, batch, model=model, tx=tx, loss_config=config.loss, schedule=schedule))
+  compiled = train.lower(state, batch).compile(compiler_options=FAST_COMPILE_OPTIONS)
+  state, first = compiled(state, batch)
+  _, second = compiled(state, batch)  # the loss at the updated parameters, same batch
+  return float(first['loss']), float(second['loss']), first

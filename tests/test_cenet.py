@@ -16,13 +16,11 @@ import pytest
 from configs.default import get_config
 from ecm_jax.data.synthetic import noise_batches
 from ecm_jax.models.networks import (
-  FAST_COMPILE_OPTIONS,
   build_model,
   init_variables,
   variable_shapes,
 )
-from ecm_jax.train import step, train_state
-from helpers import random_input, run_fast
+from helpers import losses_over_one_step, random_input, run_fast
 
 TINY_FEATURES = (8, 16, 32, 64)
 SIZE = 192  # the smallest input: 6 x 32
@@ -135,64 +133,29 @@ def test_one_training_step_lowers_the_loss(initialised):
   config, variables = initialised
   config = config.copy_and_resolve_references()
   config.train.learning_rate = 1e-3
-  model = build_model(config.model)
-  tx = train_state.make_optimizer(config, total_steps=10)
-  schedule = train_state.learning_rate_schedule(config, 10)
-  state = train_state.state_from_variables(variables, tx)
-  batch = noise_batches(config, 1)[0]
-  train_step = jax.jit(lambda state, batch: step.train_step(
-      state, batch, model=model, tx=tx, loss_config=config.loss, schedule=schedule))
-  compiled = train_step.lower(state, batch).compile(compiler_options=FAST_COMPILE_OPTIONS)
-  state1, metrics0 = compiled(state, batch)
-  _, metrics1 = compiled(state1, batch)  # the loss at the updated parameters, same batch
-  assert np.isfinite(metrics0['loss']) and metrics0['grad_norm'] > 0
-  assert float(metrics1['loss']) < float(metrics0['loss'])
+  before, after, metrics = losses_over_one_step(config, variables, noise_batches(config, 1)[0])
+  assert np.isfinite(before) and metrics['grad_norm'] > 0
+  assert after < before
 
 
 @pytest.fixture(scope='module')
 def report():
   """The parity report (ecm_jax.torch_ref.parity) of Flax vs the torch mirror
   (ecm_jax.torch_ref.cenet) from trained-like weights: forward, loss, gradients, STEPS steps."""
-  torch = pytest.importorskip('torch', reason='PyTorch is optional (pip install -r '
-                              'requirements-torch.txt); the JAX-vs-PyTorch parity needs it')
-  from torch_helpers import trained_like  # pylint: disable=g-import-not-at-top
-
-  from ecm_jax.torch_ref import parity  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)  # its thread pool only adds overhead at these shapes
-  result = parity.run(config, steps=STEPS, variables=trained_like(config.model),
-                      compiler_options=FAST_COMPILE_OPTIONS)
-  torch.set_num_threads(threads)
-  return result
+  pytest.importorskip('torch', reason='PyTorch is optional (pip install -r '
+                      'requirements-torch.txt); the JAX-vs-PyTorch parity needs it')
+  from torch_helpers import parity_report  # pylint: disable=g-import-not-at-top
+  return parity_report(tiny_config(), STEPS)
 
 
 def test_parity_forward_per_block_loss_and_gradients(report):
-  from torch_helpers import (  # pylint: disable=g-import-not-at-top
-    FORWARD_TOL,
-    GRADIENT_TOL,
-    LOSS_TOL,
-    assert_within,
-  )
+  from torch_helpers import assert_forward_loss_and_gradients  # pylint: disable=g-import-not-at-top
   blocks = ['stem', 'encoder1', 'encoder2', 'encoder3', 'encoder4', 'dac', 'rmp', 'decoder4',
             'decoder3', 'decoder2', 'decoder1', 'head', 'logits']
-  for forward in (report.forward_eval, report.forward_train):
-    assert [d.name for d in forward] == blocks
-  assert_within(report.forward_eval, FORWARD_TOL, 'eval forward')
-  assert_within(report.forward_train, FORWARD_TOL, 'train forward')
-  assert report.loss and all(d.max_rel <= LOSS_TOL for d in report.loss), report.loss
   params = flat(variable_shapes(build_model(tiny_config().model))['params'])
-  assert sorted(d.name for d in report.gradients) == sorted('/'.join(p) for p in params)
-  assert_within(report.gradients, GRADIENT_TOL, 'gradient')
+  assert_forward_loss_and_gradients(report, blocks, params)
 
 
 def test_parity_after_optimizer_steps(report):
-  from torch_helpers import (  # pylint: disable=g-import-not-at-top
-    BATCH_STATS_TOL,
-    PARAMS_TOL,
-    assert_within,
-  )
-  assert report.steps == STEPS and set(report.num_batches_tracked) == {STEPS}
-  assert len(report.params) == len(report.gradients)
-  assert report.params_overall.max_rel <= PARAMS_TOL, report.params_overall
-  assert_within(report.batch_stats, BATCH_STATS_TOL, f'BatchNorm stats after {STEPS} steps')
+  from torch_helpers import assert_after_steps  # pylint: disable=g-import-not-at-top
+  assert_after_steps(report, STEPS)

@@ -38,3 +38,37 @@ def assert_within(diffs, tol, what):
   assert not bad, f'{what}, relative error above {tol:g}: ' + '; '.join(bad)
 
 
+
+
+def parity_report(config, steps):
+  """`parity.run` from `trained_like` weights, PyTorch single-threaded (its thread pool only adds
+  overhead at these shapes), JAX compiled with FAST_COMPILE_OPTIONS."""
+  from ecm_jax.models.networks import FAST_COMPILE_OPTIONS  # pylint: disable=g-import-not-at-top
+  from ecm_jax.torch_ref import parity  # pylint: disable=g-import-not-at-top
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    return parity.run(config, steps=steps, variables=trained_like(config.model),
+                      compiler_options=FAST_COMPILE_OPTIONS)
+  finally:
+    torch.set_num_threads(threads)
+
+
+def assert_forward_loss_and_gradients(report, blocks, parameter_paths):
+  """Every block (in order, then the logits), the loss and every parameter's gradient within the
+  tolerances."""
+  for forward in (report.forward_eval, report.forward_train):
+    assert [d.name for d in forward] == blocks
+  assert_within(report.forward_eval, FORWARD_TOL, 'eval forward')
+  assert_within(report.forward_train, FORWARD_TOL, 'train forward')
+  assert report.loss and all(d.max_rel <= LOSS_TOL for d in report.loss), report.loss
+  assert sorted(d.name for d in report.gradients) == sorted('/'.join(p) for p in parameter_paths)
+  assert_within(report.gradients, GRADIENT_TOL, 'gradient')
+
+
+def assert_after_steps(report, steps):
+  """Every parameter (as one vector) and BatchNorm statistic after `steps` optimizer steps."""
+  assert report.steps == steps and set(report.num_batches_tracked) == {steps}
+  assert len(report.params) == len(report.gradients)
+  assert report.params_overall.max_rel <= PARAMS_TOL, report.params_overall
+  assert_within(report.batch_stats, BATCH_STATS_TOL, f'BatchNorm stats after {steps} steps')
