@@ -8,6 +8,8 @@
 Writes runs/<run>/eval/<split>/: metrics.json, per_case.csv, overlay_{best,worst}.png,
 attention.png, learning_curves.png (and predictions/<case>.nii.gz with --export_nifti).
 The run's own config.json defines the model and data; --config, if given, must agree on the model.
+Multi-process: started like train.py (docs/training.md), each process evaluates its share of the
+cases (or scans) on its devices; the figures are those of one process.
 """
 
 import pathlib
@@ -36,6 +38,8 @@ def main(argv):
   if _PREDICT.value and not _OUTPUT.value:
     raise app.UsageError('--predict needs --output (a folder for the masks)')
   # pylint: disable=g-import-not-at-top  (JAX after the process start-up)
+  import jax
+
   from ecm_jax import data, files
   from ecm_jax.evaluate import evaluation, report
   from ecm_jax.evaluate.inference import Predictor
@@ -45,12 +49,16 @@ def main(argv):
   predictor = Predictor(workdir, _CHECKPOINT.value, config=_CONFIG.value, fold=_FOLD.value)
   if _PREDICT.value:
     written = evaluation.predict_scans(predictor, _PREDICT.value, _OUTPUT.value)
-    print(f'{len(written)} mask(s) written to {_OUTPUT.value}')
+    print(f'{len(written)} mask(s) written to {_OUTPUT.value}'
+          + (f' by process {jax.process_index()}' if jax.process_count() > 1 else ''))
     return
   out_dir = files.check_writable(workdir / 'eval' / _SPLIT.value, 'the eval folder')
-  ds = data.prepare(predictor.config.data, split_file=workdir / 'splits.json')
+  ds = data.prepare(predictor.config.data, split_file=workdir / 'splits.json',
+                    write_split=jax.process_index() == 0)
   document = evaluation.evaluate_split(predictor, ds, _SPLIT.value, out_dir,
                                        export_nifti=_EXPORT.value)
+  if jax.process_index() != 0:
+    return
   print(f'{workdir} checkpoint {predictor.step}, {_SPLIT.value} split'
         f'{" (SYNTHETIC demo data)" if ds.synthetic else ""}:\n')
   print(report.summary_table(document))
@@ -59,4 +67,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  cli.run(main, UserError)
+  cli.run(main, UserError, distributed=True)

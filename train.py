@@ -5,11 +5,13 @@
   python train.py --config configs/kits.py:unet            # a row of the paper's tables
 
 Restarting with the same --workdir resumes from the latest checkpoint (train state and data
-iterator), giving the same run as an uninterrupted one. SIGINT/SIGTERM save a checkpoint and exit.
+position), giving the same run as an uninterrupted one. SIGINT/SIGTERM save a checkpoint and exit.
+Multi-process (one process per host or per GPU; docs/training.md): start this same command in every
+process, under srun or mpirun, on Cloud TPU, or with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID set; --workdir must be a folder every process sees.
 """
 
 import pathlib
-import signal
 
 from absl import flags
 from ml_collections import config_flags
@@ -30,30 +32,13 @@ def default_workdir(config_arg: str) -> pathlib.Path:
   return pathlib.Path('runs') / name.replace('+', '_')
 
 
-class StopRequested:
-  """SIGINT/SIGTERM set a flag that the loop checks between steps (checkpoint, then exit)."""
-
-  def __init__(self):
-    self.signal_name = None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal_name is not None:  # a second Ctrl-C stops at once
-      raise KeyboardInterrupt
-    self.signal_name = signal.Signals(signum).name
-
-  def __bool__(self):
-    return self.signal_name is not None
-
-
 def main(argv):
   del argv
-  from ecm_jax.train import loop  # pylint: disable=g-import-not-at-top  (after distributed start-up)
+  # pylint: disable=g-import-not-at-top  (JAX after the process start-up: the cluster, host memory)
+  from ecm_jax.train import loop, preemption
   workdir = pathlib.Path(_WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS['config'])))
-  loop.train_and_evaluate(_CONFIG.value, workdir, stop=StopRequested(),
+  loop.train_and_evaluate(_CONFIG.value, workdir, stop=preemption.StopSignals(),
                           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 

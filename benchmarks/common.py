@@ -25,7 +25,7 @@ import numpy as np
 from configs.default import with_variant
 from ecm_jax.errors import ConfigError
 from ecm_jax.models import ops
-from ecm_jax.models.networks import build_model, variable_shapes
+from ecm_jax.models.networks import build_model, compiler_options, variable_shapes
 from ecm_jax.train import sharding, train_state
 
 # The learning-rate schedule's length for benchmark steps (the schedule's value has no effect on
@@ -239,7 +239,8 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                        state: train_state.TrainState) -> CompiledTrainStep:
   """The train step as `ecm_jax.trainer` builds it (`jit_train_step` with the run's optimizer and
   schedule) for `batch` (global, numpy) and `state` (replicated over `mesh`, e.g. `initial_state`;
-  donated to the first step). Compile time is the wall time of lower() + compile()."""
+  donated to the first step), compiled with `networks.compiler_options` (remat on the CPU needs
+  one). Compile time is the wall time of lower() + compile()."""
   sharding.check_batch_divisible(config.train.batch_size, mesh)
   jitted = sharding.jit_train_step(mesh, model=build_model(config.model),
                                    tx=train_state.make_optimizer(config, TOTAL_STEPS),
@@ -248,7 +249,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                                    seed=config.seed)
   sharded = sharding.shard_batch(batch, mesh)
   start = time.perf_counter()
-  compiled = jitted.lower(state, sharded).compile()
+  compiled = jitted.lower(state, sharded).compile(compiler_options=compiler_options(config.model))
   return CompiledTrainStep(compiled, state, sharded, time.perf_counter() - start)
 
 

@@ -69,7 +69,6 @@ from benchmarks.common import (
   write_csv,
 )
 from ecm_jax import tables
-from ecm_jax.cpu import host_memory
 from ecm_jax.data.synthetic import noise_batches
 from ecm_jax.train import sharding
 
@@ -125,6 +124,7 @@ def _torch_worker(connection, config_dict: dict, batch: dict, variables: dict,
   reports the allocator in effect and its PyTorch version, then runs one step per 'step' message
   (replying with the loss) until 'stop', which it answers with the peak RSS increase over building
   the model and optimizer and every step (bytes; None off Linux)."""
+  from ecm_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top  (CPU only)
   allocator = host_memory.configure(host_memory_mode)  # set up by the parent: no restart
   torch = _torch_ref()[0]  # the libraries' own memory is not the step's
   linux = sys.platform.startswith('linux')
@@ -146,6 +146,7 @@ class TorchStepProcess:
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
                variables: dict, host_memory_mode: str):
+    from ecm_jax.cpu import host_memory  # pylint: disable=g-import-not-at-top  (CPU only)
     context = multiprocessing.get_context('spawn')
     self._connection, child = context.Pipe()
     self._process = context.Process(target=_torch_worker, args=(

@@ -76,9 +76,21 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.segformer_dropout = 0.1  # dropout before the decoder's classifier
   m.bn_momentum = 0.9  # flax convention (running = m*running + (1-m)*batch); = PyTorch 0.1
   m.bn_epsilon = 1e-5
-  # Compute dtype: float32 | bfloat16 (params, softmax, reductions stay float32) | float64
-  # (everything float64; needs jax_enable_x64: for numerics checks, e.g. ecm_jax/torch_ref/parity.py).
+  # Compute dtype: float32 | bfloat16 | float64. bfloat16: activations, the residuals kept for the
+  # backward pass and BatchNorm's input are bfloat16; parameters, optimizer state, BatchNorm
+  # statistics, SC's softmax, global means, the logits and the loss stay float32 (a bf16 step's
+  # buffers are ~0.5x float32's; docs/accelerators.md). float64: everything float64 (needs
+  # jax_enable_x64: for numerics checks, e.g. ecm_jax/torch_ref/parity.py --float64).
   m.dtype = 'float32'
+  # float32 matmul/convolution precision (jax.default_matmul_precision for the whole network):
+  # default (JAX's: TF32 on NVIDIA GPUs, bf16 passes on TPUs, exact on the CPU: for speed) |
+  # high | highest (true float32: parity with PyTorch; the parity report sets it). No effect on
+  # the CPU or on bfloat16 operands. Tolerances per platform: docs/numerics.md.
+  m.matmul_precision = 'default'
+  # Rematerialisation (recompute in the backward pass instead of keeping): none | blocks (each conv
+  # block, the bottleneck, the side output) | levels (each encoder level / decoder stage). Same
+  # loss and gradients; less memory, ~+30 % step compute. U-Net family only. docs/accelerators.md.
+  m.remat = 'none'
   m.conv_impl = 'auto'  # convolution kernels: auto (by backend) | xla (lax.conv) | gemm (CPU-fast)
   return m
 
@@ -129,7 +141,9 @@ def get_config(variant: str = 'ec_cam_unet') -> ml_collections.ConfigDict:
   d.rotate_degrees = 10.0  # augmentation: rotation uniform in [-r, r] degrees
   d.blur_prob = 0.5  # augmentation: Gaussian blur of the image
   d.blur_sigma = (0.5, 1.5)  # blur sigma range in pixels (not given in the paper)
-  d.num_workers = 2  # grain worker processes (0 = in-process)
+  # grain worker processes: -1 auto (sized to the host's CPUs per local device,
+  # ecm_jax.config.resolve_num_workers: 2 on a 2-core CPU), 0 in-process
+  d.num_workers = -1
   d.read_threads = 1  # threads per process preparing batches (2 were not faster on 2 cores)
   d.prefetch = 4  # batches buffered ahead of the model
   # dataset='synthetic' only: the built-in SYNTHETIC demo set (KiTS19 layout, written to cache_dir)

@@ -4,7 +4,8 @@ ecm_jax.models.summary`, `ecm_jax.evaluate.report`, `ecm_jax.torch_ref.parity`, 
 absl flags, `--config path/to/config.py[:variant]` (ml_collections) with `--config.key=value`
 overrides where a command takes a config, and these shared flags:
   --verbose      libraries' INFO logs and full tracebacks on errors;
-  --host_memory  CPU host-memory mode (ignored on GPU/TPU; `ecm_jax.runtime`).
+  --host_memory  CPU host-memory mode (ignored on GPU/TPU; `ecm_jax.runtime`);
+  --cluster_timeout  multi-process jobs: how long a silent process is waited for (`ecm_jax.cluster`).
 `run(main, errors)` starts the process (`ecm_jax.runtime.start`) and turns the user errors in
 `errors` into one `error: ...` line on stderr and exit status 2 (the traceback with --verbose); so
 are a failed write for lack of space or permission (wherever it happens: a picture, a log line) and
@@ -26,6 +27,10 @@ VERBOSE = flags.DEFINE_bool('verbose', False, 'Show library INFO logs and full t
 HOST_MEMORY = flags.DEFINE_enum('host_memory', 'auto', runtime.HOST_MEMORY_MODES,
                                 runtime.HOST_MEMORY_HELP)
 
+CLUSTER_TIMEOUT = flags.DEFINE_integer(
+    'cluster_timeout', 100, 'Multi-process jobs: seconds after which a silent process (dead, or '
+    'its host lost) makes every other process stop with an error (ecm_jax.cluster).', lower_bound=5)
+
 
 def run(main: Callable[[Sequence[str]], None],
         errors: type[BaseException] | tuple[type[BaseException], ...] = (), *,
@@ -39,9 +44,10 @@ def run(main: Callable[[Sequence[str]], None],
   def wrapped(argv):
     if not positional and len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    runtime.start(host_memory=HOST_MEMORY.value, verbose=VERBOSE.value, distributed=distributed,
-                  compilation_cache=compilation_cache)
     try:
+      runtime.start(host_memory=HOST_MEMORY.value, verbose=VERBOSE.value,
+                    distributed=distributed, heartbeat_timeout_s=CLUSTER_TIMEOUT.value,
+                    compilation_cache=compilation_cache)
       main(argv)
     except errors as e:
       if VERBOSE.value:

@@ -13,6 +13,8 @@ import os
 import pathlib
 import sys
 
+from ecm_jax import cluster
+
 HOST_MEMORY_MODES = ('auto', 'huge_pages+retain', 'huge_pages', 'retain', 'default')
 HOST_MEMORY_HELP = (
     'CPU only: huge_pages backs large host blocks with transparent huge pages (restarts the '
@@ -125,28 +127,18 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def maybe_initialize_distributed() -> None:
-  """Multi-host: join the cluster when the launcher's environment says there is one.
-
-  `jax.distributed.initialize()` finds the coordinator itself on Cloud TPU pods, SLURM and Open
-  MPI; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  multi = ('JAX_COORDINATOR_ADDRESS' in os.environ
-           or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-           or int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
-           or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', ''))
-  if multi:
-    jax.distributed.initialize()
-
-
 def start(*, host_memory: str = 'auto', verbose: bool = False, distributed: bool = False,
-          compilation_cache: bool = True) -> None:
+          heartbeat_timeout_s: int = 100, compilation_cache: bool = True) -> None:
   """Everything a process sets up before its first JAX computation, in the order it needs.
-  (`compilation_cache=False` for the benchmarks, which measure compile times.)"""
+
+  distributed: join the multi-process job the launcher started, if any (`ecm_jax.cluster`).
+  (`compilation_cache=False` for the benchmarks, which measure compile times.)
+  """
   configure_logging(verbose)
   configure_host_memory(host_memory)  # before JAX starts its threads; may restart the command
-  if distributed:
-    maybe_initialize_distributed()
+  if distributed and cluster.initialize(heartbeat_timeout_s) is not None:
+    import jax  # pylint: disable=g-import-not-at-top  (started by the cluster)
+    if jax.process_index() != 0:  # process 0 reports for the job
+      logging.getLogger('ecm_jax').setLevel(logging.WARNING)
   if compilation_cache:
     enable_compilation_cache()

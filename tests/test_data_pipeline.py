@@ -1,8 +1,5 @@
-"""grain pipelines: batch contents, epochs, sharding, determinism across workers, save/restore."""
+"""grain pipelines: batch contents, epochs, processes, determinism across workers, resume."""
 
-import json
-
-import grain
 import numpy as np
 import pytest
 
@@ -67,18 +64,15 @@ def test_an_epoch_covers_every_train_slice_once_and_epochs_are_reshuffled(ds, co
   assert first != second
 
 
-def test_process_shards_are_disjoint_and_cover_the_train_slices(ds, config):
-  config = config.copy_and_resolve_references()
-  config.update(NO_AUGMENTATION)
-  ids = _slice_ids(ds, 'train')
-  seen = []
-  for shard_index in range(2):
-    assert data.steps_per_epoch(ds, 2, shard_count=2) == 4
-    batches = _take(data.train_iterator(ds, config, batch_size=2, seed=0, shard_index=shard_index,
-                                        shard_count=2), 4)
-    seen.append({ids[image.tobytes()] for batch in batches for image in batch['image']})
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(len(ids)))
+def test_global_batches_do_not_depend_on_the_process_count(ds, config):
+  one = _take(data.train_iterator(ds, config, batch_size=4, seed=0), 5)
+  shares = [_take(data.train_iterator(ds, config, batch_size=4, seed=0, process_index=p,
+                                      process_count=2), 5) for p in range(2)]
+  joined = [{key: np.concatenate([shares[0][k][key], shares[1][k][key]]) for key in one[k]}
+            for k in range(5)]
+  _assert_same_batches(joined, one)
+  with pytest.raises(data.DataError, match='global batch of 4 cannot be split over 3 processes'):
+    data.train_iterator(ds, config, batch_size=4, seed=0, process_count=3)
 
 
 def test_seed_changes_order_and_augmentation(ds, config):
@@ -87,43 +81,18 @@ def test_seed_changes_order_and_augmentation(ds, config):
   assert not np.array_equal(a['image'], b['image'])
 
 
-def test_same_batches_with_0_or_2_worker_processes_and_after_restore(ds, config):
+def test_same_batches_with_0_or_2_worker_processes_and_from_a_start_step(ds, config):
   reference = _take(data.train_iterator(ds, config, batch_size=4, seed=3), 6)
   config = config.copy_and_resolve_references()
   config.num_workers = 2
   iterator = data.train_iterator(ds, config, batch_size=4, seed=3)
-  first = _take(iterator, 3)
-  state = iterator.get_state()
-  _assert_same_batches(first + _take(iterator, 3), reference)
+  _assert_same_batches(_take(iterator, 6), reference)
   iterator.close()
-  restored = data.train_iterator(ds, config, batch_size=4, seed=3)
-  restored.set_state(state)
-  _assert_same_batches(_take(restored, 3), reference[3:])
-  restored.close()
-
-
-def test_state_restores_the_uninterrupted_sequence_in_process(ds, config):
-  iterator = data.train_iterator(ds, config, batch_size=4, seed=5)
-  _take(iterator, 5)  # crosses an epoch boundary (4 steps per epoch)
-  state = json.loads(json.dumps(iterator.get_state()))  # JSON-able, as orbax stores it
-  uninterrupted = _take(iterator, 4)
-  restored = data.train_iterator(ds, config, batch_size=4, seed=5)
-  restored.set_state(state)
-  _assert_same_batches(_take(restored, 4), uninterrupted)
-
-
-def test_orbax_checkpoints_the_iterator(ds, config, tmp_path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow; this test only)
-  iterator = data.train_iterator(ds, config, batch_size=4, seed=7)
-  _take(iterator, 2)
-  with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
-    manager.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(iterator)))
-    manager.wait_until_finished()
-    uninterrupted = _take(iterator, 3)
-    restored = data.train_iterator(ds, config, batch_size=4, seed=7)
-    manager.restore(2, args=ocp.args.Composite(
-        data_iter=grain.checkpoint.CheckpointRestore(restored)))
-  _assert_same_batches(_take(restored, 3), uninterrupted)
+  resumed = data.train_iterator(ds, config, batch_size=4, seed=3, start_step=3, process_index=1,
+                                process_count=2)  # a resume across an epoch boundary, 2 processes
+  _assert_same_batches(_take(resumed, 3), [{key: batch[key][2:] for key in batch}
+                                           for batch in reference[3:]])
+  resumed.close()
 
 
 def test_eval_batches_are_ordered_unaugmented_and_padded(ds):
@@ -142,3 +111,14 @@ def test_eval_batches_are_ordered_unaugmented_and_padded(ds):
   np.testing.assert_array_equal(stacked['label'][:8], labels)
   assert not stacked['image'][8].any() and not stacked['label'][8].any()
   assert batches[0]['image'].dtype == np.float32 and batches[0]['label'].dtype == np.uint8
+
+
+def test_eval_batches_of_two_processes_are_the_halves_of_the_global_batches(ds):
+  whole = list(data.eval_batches(ds, 'val', batch_size=6))  # 8 slices: one padded batch
+  halves = [list(data.eval_batches(ds, 'val', batch_size=6, process_index=p, process_count=2))
+            for p in range(2)]
+  assert len(halves[0]) == len(halves[1]) == len(whole)
+  for k, batch in enumerate(whole):
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([halves[0][k][key], halves[1][k][key]]),
+                                    batch[key])

@@ -43,7 +43,7 @@ def run(tmp_path_factory):
                        state.batch_stats)
   state = state.replace(batch_stats=stats)
   manager = checkpoint.checkpoint_manager(workdir, 2)
-  checkpoint.save(manager, 1, state, None, {'val_dice': 0.5})
+  checkpoint.save(manager, 1, state, {'val_dice': 0.5})
   manager.wait_until_finished()
   manager.close()
   return tmp, config, workdir

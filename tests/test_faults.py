@@ -52,7 +52,7 @@ def tmpfs(path: pathlib.Path, options: str):
 
 def save_steps(manager, steps, state=STATE):
   for step in steps:
-    checkpoint.save(manager, step, jax.tree.map(jnp.asarray, state), None)
+    checkpoint.save(manager, step, jax.tree.map(jnp.asarray, state))
     checkpoint.wait_until_finished(manager)
 
 
@@ -75,7 +75,7 @@ def test_a_full_disk_during_a_save_is_one_error_and_keeps_the_checkpoints(tmp_pa
     # The next run resumes from step 2, and what the failed save left is cleared away.
     manager = checkpoint.checkpoint_manager(disk / 'run', keep_latest=3)
     assert manager.all_steps() == [1, 2]
-    step, state = checkpoint.restore_newest_readable(manager, abstract(STATE), None, print)
+    step, state = checkpoint.restore_newest_readable(manager, abstract(STATE), print)
     assert step == 2
     np.testing.assert_array_equal(state['weights'], STATE['weights'])
     assert sorted(p.name for p in manager.directory.iterdir()) == ['1', '2']
@@ -87,7 +87,7 @@ def test_a_damaged_checkpoint_is_reported_moved_aside_and_the_older_one_used(tmp
   save_steps(manager, [1, 2])
   damage(tmp_path / 'checkpoints' / '2')
   reports = []
-  step, state = checkpoint.restore_newest_readable(manager, abstract(STATE), None, reports.append)
+  step, state = checkpoint.restore_newest_readable(manager, abstract(STATE), reports.append)
   assert step == 1
   np.testing.assert_array_equal(state['weights'], STATE['weights'])
   assert len(reports) == 1
@@ -108,7 +108,7 @@ def test_when_no_checkpoint_reads_each_failure_is_named_and_nothing_moved(tmp_pa
                  'bias': jax.ShapeDtypeStruct((3,), np.float32)}
   with pytest.raises(WorkdirError, match=r'no checkpoint in .* could be read: step 2: .*; step 1: '
                                          r".*use that config \(the run's config.json\)"):
-    checkpoint.restore_newest_readable(manager, other_model, None, print)
+    checkpoint.restore_newest_readable(manager, other_model, print)
   assert manager.all_steps() == [1, 2] and not (tmp_path / 'damaged_checkpoints').exists()
   manager.close()
 
@@ -121,7 +121,7 @@ def test_eval_restore_falls_back_from_a_damaged_checkpoint_and_says_so(tmp_path,
   state = train_state.create_train_state(model, tx, 0)
   manager = checkpoint.checkpoint_manager(tmp_path, keep_latest=2)
   for step in (1, 2):
-    checkpoint.save(manager, step, state.replace(step=jnp.asarray(step)), None)
+    checkpoint.save(manager, step, state.replace(step=jnp.asarray(step)))
   checkpoint.wait_until_finished(manager)
   manager.close()
   damage(tmp_path / 'checkpoints' / '2')

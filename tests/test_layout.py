@@ -1,7 +1,7 @@
 """The package layering, and the CPU-only code fenced off from GPU/TPU processes.
 
 Layers (each imports only from itself and the layers before it):
-  base      ecm_jax.{errors, files, tables, config, runtime, cli}
+  base      ecm_jax.{errors, files, tables, config, cluster, runtime, cli}
   models    ecm_jax.models          data    ecm_jax.data
   metrics   ecm_jax.evaluate.{metrics, plots}
   train     ecm_jax.train
@@ -17,7 +17,7 @@ import sys
 from helpers import REPO
 
 BASE = {'ecm_jax', 'ecm_jax.errors', 'ecm_jax.files', 'ecm_jax.tables', 'ecm_jax.config',
-        'ecm_jax.runtime', 'ecm_jax.cli'}
+        'ecm_jax.cluster', 'ecm_jax.runtime', 'ecm_jax.cli'}
 METRICS = {'ecm_jax.evaluate.metrics', 'ecm_jax.evaluate.plots'}
 
 

@@ -123,7 +123,7 @@ def save_checkpoint(config, variables, directory, step=0):
   state = train_state.state_from_variables(variables, tx).replace(
       step=jnp.asarray(step, jnp.int32))
   manager = checkpoint.checkpoint_manager(directory, keep_latest=1)
-  checkpoint.save(manager, step, state, None)
+  checkpoint.save(manager, step, state)
   manager.wait_until_finished()
   manager.close()
 

@@ -1,12 +1,14 @@
 """train.py end to end on the built-in synthetic data: exact resume after SIGKILL and from behind a
 damaged checkpoint, clean stop on SIGTERM, refusal of a workdir holding another config, NaN stop,
-and config errors (more faults: tests/test_faults.py)."""
+and config errors; two-process jobs: the same run, SIGTERM to one process, a lost process, a
+workdir that is not shared, sharded evaluation (more faults: tests/test_faults.py)."""
 
 import json
 import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -244,3 +246,112 @@ def test_trainer_fits_host_memory_to_its_compiled_step(tmp_path, monkeypatch, ca
   assert len(seen) == 1 and 0 < seen[0] < 2**30  # a tiny step's temporaries: some, below a GiB
   assert 'host memory: (test) stopped' in capsys.readouterr().err
   assert set(_losses(tmp_path / 'w')) == {1, 2}
+
+
+# Multi-process jobs: two processes on this machine through the documented variables (one
+# simulated device each, CPU collectives) against the uninterrupted 1-process 2-device run.
+# Losses agree to float32 summation order (the same global batches, BatchNorm over the same rows).
+PROCESS_RTOL = 1e-5
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start_job(tmp, workdirs, name, *extra):
+  """Two train.py processes of one job (`workdirs`: one per process, normally the same); returns
+  their Popen objects and log paths."""
+  port = _free_port()
+  procs, logs = [], []
+  for process_id, workdir in enumerate(workdirs):
+    log_path = tmp / f'{name}.{process_id}.log'
+    env = dict(_env(tmp), XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(process_id))
+    with open(log_path, 'w') as log:
+      procs.append(subprocess.Popen(_train_cmd(tmp, workdir, *extra), env=env,
+                                    stdout=subprocess.DEVNULL, stderr=log, text=True))
+    logs.append(log_path)
+  return procs, logs
+
+
+def _resume(tmp, workdir, *extra):
+  result = subprocess.run(_train_cmd(tmp, workdir, *extra), env=_env(tmp), capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stderr
+
+
+def _assert_losses_match(workdir, reference, steps):
+  got, expected = _losses(workdir), _losses(reference)
+  assert sorted(got) == list(steps)
+  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps],
+                             rtol=PROCESS_RTOL)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_one_process_resumes(
+    uninterrupted):
+  tmp, full = uninterrupted
+  workdir = tmp / 'two'
+  rarely = '--config.train.checkpoint_every_steps=100'
+  procs, logs = _start_job(tmp, [workdir, workdir], 'two', rarely)
+  _wait_for_step(workdir, 3, procs[0], logs[0])
+  procs[1].send_signal(signal.SIGTERM)  # a scheduler preempting one host
+  for proc, log in zip(procs, logs):
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, log.read_text()
+  saved = checkpoint.checkpoint_manager(workdir, 2, read_only=True).latest_step()
+  assert 3 <= saved < 12
+  assert f'saved step {saved} to' in logs[0].read_text()
+  _assert_losses_match(workdir, full, range(1, saved + 1))
+  # The job's checkpoint, resumed by one process (2 devices), continues the same run.
+  _resume(tmp, workdir, rarely)
+  _assert_losses_match(workdir, full, range(1, 13))
+
+
+def test_a_process_that_dies_stops_the_other_and_the_run_resumes(uninterrupted):
+  tmp, full = uninterrupted
+  workdir = tmp / 'lost'
+  procs, logs = _start_job(tmp, [workdir, workdir], 'lost', '--cluster_timeout=20')
+  _wait_for_step(workdir, 4, procs[0], logs[0])  # past the checkpoint of step 3
+  procs[1].send_signal(signal.SIGKILL)
+  started = time.time()
+  procs[0].wait(timeout=120)
+  assert procs[0].returncode != 0
+  assert time.time() - started < 90, 'the survivor must stop soon after the heartbeat timeout'
+  _resume(tmp, workdir)
+  _assert_losses_match(workdir, full, range(1, 13))
+
+
+def test_a_workdir_that_is_not_shared_is_refused_by_every_process(uninterrupted):
+  tmp, _ = uninterrupted
+  workdirs = [tmp / 'host0', tmp / 'host1']
+  procs, logs = _start_job(tmp, workdirs, 'unshared')
+  for proc, log in zip(procs, logs):
+    proc.wait(timeout=300)
+    err = log.read_text()
+    assert proc.returncode == 2, err
+    assert 'is not shared between the processes of this job: process(es) 1 do not see' in err
+  assert not any((w / 'checkpoints').exists() for w in workdirs)
+
+
+def test_eval_on_two_processes_gives_the_one_process_figures(uninterrupted):
+  tmp, full = uninterrupted
+  port = _free_port()
+  cmd = lambda out: [sys.executable, str(REPO / 'eval.py'), '--workdir', str(out), '--split',
+                     'train']  # six cases: three per process
+  one = tmp / 'eval_one'
+  shutil.copytree(full, one, ignore=shutil.ignore_patterns('eval'))
+  subprocess.run(cmd(one), env=_env(tmp), check=True, capture_output=True, text=True)
+  procs = [subprocess.Popen(cmd(full), env=dict(
+      _env(tmp), XLA_FLAGS='--xla_force_host_platform_device_count=1',
+      JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+      JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [proc.communicate(timeout=300) for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], outputs
+  assert 'per case (3D)' in outputs[0][0] and 'per case' not in outputs[1][0]  # process 0 reports
+  for name in ('per_case.csv', 'metrics.json'):
+    assert ((full / 'eval' / 'train' / name).read_text()
+            == (one / 'eval' / 'train' / name).read_text()), name

@@ -32,7 +32,8 @@ def _batch(rng, n=4, size=32):
 
 @pytest.fixture(scope='module')
 def setup():
-  assert jax.device_count() == 2, 'tests/conftest.py sets two simulated CPU devices'
+  if jax.device_count() < 2:  # tests/conftest.py simulates two on the CPU; a GPU host may have one
+    pytest.skip(f'needs 2 devices, {jax.device_count()} {jax.default_backend()} device(s) present')
   config = tiny_config()
   model = build_model(config.model)
   tx = train_state.make_optimizer(config, total_steps=10)

@@ -40,9 +40,10 @@ def check_config(config):
   if not 0.0 < config.blur_sigma[0] <= config.blur_sigma[1]:
     raise DataError(f'config.data.blur_sigma={tuple(config.blur_sigma)}: give (low, high) with '
                     '0 < low <= high')
-  for field, least in (('num_workers', 0), ('read_threads', 1), ('prefetch', 1)):
+  for field, least in (('num_workers', -1), ('read_threads', 1), ('prefetch', 1)):
     if config[field] < least:
-      raise DataError(f'config.data.{field}={config[field]}: must be >= {least}')
+      raise DataError(f'config.data.{field}={config[field]}: must be >= {least}'
+                      + (' (-1: auto)' if field == 'num_workers' else ''))
 
 
 class SliceSource:
@@ -134,12 +135,13 @@ class PreparedDataset:
     return f'PreparedDataset({kind}{self.cache_path}, cases {counts})'
 
 
-def prepare(config, *, split_file) -> PreparedDataset:
+def prepare(config, *, split_file, write_split: bool = True) -> PreparedDataset:
   """Build (or reuse) the preprocessing cache of `config.data` and the split at `split_file`.
 
   An existing split file is honoured (after checking its cases exist); otherwise a split is drawn
-  with `data.split_seed` and written there once the cache is complete. Bad input raises DataError
-  before anything is written.
+  with `data.split_seed` and written there once the cache is complete (when `write_split`: not by
+  the other processes of a job, which draw the same split). Bad input raises DataError before
+  anything is written.
   """
   check_config(config)
   if config.dataset == 'synthetic':
@@ -156,7 +158,7 @@ def prepare(config, *, split_file) -> PreparedDataset:
   else:
     split = splits.make_split(case_ids, config.split, config.split_seed, root)
   cache_path, metas = cache.load_or_build(config, root, cases)
-  if not split_file.exists():
+  if write_split and not split_file.exists():
     splits.write_split(split_file, split, dataset=config.dataset, root=str(root),
                        split_seed=config.split_seed, counts=list(config.split))
   return PreparedDataset(config, cache_path, metas, split)

@@ -2,12 +2,16 @@
 
 Training order and augmentation are pure functions of (seed, element index): grain shuffles each
 epoch with a seed folded with the epoch number and seeds each element's augmentation from its
-index, so the batches are the same with 0 or N worker processes and after a restore.
+index. Global batch `s` is elements [s*B, (s+1)*B) of that stream, and process `p` of `P` reads
+rows [p*B/P, (p+1)*B/P) of it: the batches are the same with 0 or N worker processes, with any
+number of processes, and when a run resumes at step `s` (the iterator starts there; it has no state
+of its own to save).
 """
 
 import grain
 import numpy as np
 
+from ecm_jax.config import resolve_num_workers
 from ecm_jax.data import augment
 from ecm_jax.errors import DataError
 
@@ -25,35 +29,38 @@ class Augment(grain.transforms.RandomMap):
     return {'image': image, 'label': label}
 
 
-def steps_per_epoch(ds, batch_size: int, shard_count: int = 1) -> int:
-  """Steps in which every process sees (about) its shard of the train slices once (0 when the
-  split holds less than one batch per process)."""
-  return len(ds.source('train')) // (batch_size * shard_count)
+def steps_per_epoch(ds, batch_size: int) -> int:
+  """Global batches of `batch_size` in one pass over the train slices (0 when fewer)."""
+  return len(ds.source('train')) // batch_size
 
 
-def train_iterator(ds, config, *, batch_size: int, seed: int, shard_index: int = 0,
-                   shard_count: int = 1):
-  """Endless augmented train batches {'image': (B, S, S, 1) float32, 'label': (B, S, S) uint8}.
+def _process_rows(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise DataError(f'a global batch of {batch_size} cannot be split over {process_count} '
+                    'processes: use a multiple of the process count')
+  return batch_size // process_count
 
-  `batch_size` is per process; process `shard_index` of `shard_count` reads every
-  `shard_count`-th slice. Batches run on across epoch boundaries (each epoch reshuffled). The
-  iterator supports get_state()/set_state() and grain.checkpoint.CheckpointSave/Restore.
-  """
-  source = ds.source('train')
-  if len(source) < shard_count:
-    raise DataError(f'{ds.cache_path}: {len(source)} train slices cannot feed {shard_count} '
-                    'processes')
+
+def train_iterator(ds, config, *, batch_size: int, seed: int, start_step: int = 0,
+                   process_index: int = 0, process_count: int = 1):
+  """Endless augmented train batches {'image': (b, S, S, 1) float32, 'label': (b, S, S) uint8}:
+  this process's b = batch_size / process_count rows of the global batches `start_step`,
+  `start_step` + 1, ... (module doc). Batches run on across epoch boundaries (each epoch
+  reshuffled)."""
+  rows = _process_rows(batch_size, process_count)
   shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
-  dataset = (grain.MapDataset.source(source)[shard_index::shard_count]
+  dataset = (grain.MapDataset.source(ds.source('train'))
              .shuffle(seed=int(shuffle_seed))
              .repeat(None)
              .random_map(Augment(config), seed=int(augment_seed))
-             .batch(batch_size, drop_remainder=True))
+             .batch(rows, drop_remainder=True))
+  dataset = dataset[start_step * process_count + process_index::process_count]
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch))
-  if config.num_workers:
+  num_workers = resolve_num_workers(config.num_workers)
+  if num_workers:
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=config.num_workers)).map(_owned)
+        grain.MultiprocessingOptions(num_workers=num_workers)).map(_owned)
   return iter(iter_dataset)
 
 
@@ -63,20 +70,24 @@ def _owned(batch: dict) -> dict:
   return {key: np.array(value) for key, value in batch.items()}
 
 
-def eval_batches(ds, split: str, batch_size: int):
-  """Unaugmented batches of every slice of `split`, in (case, slice) order.
+def eval_batches(ds, split: str, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1):
+  """Unaugmented global batches of `batch_size` over every slice of `split`, in (case, slice)
+  order; this process's rows of each (it reads only those).
 
-  Each batch has 'image', 'label', 'case' (index into ds.case_ids), 'slice' and 'valid' (B,) bool;
-  the last batch is padded with zero images, case and slice -1, valid False.
+  Each batch has 'image', 'label', 'case' (index into ds.case_ids), 'slice' and 'valid' (b,) bool;
+  the rows past the split's end are zero images, case and slice -1, valid False.
   """
   source = ds.source(split)
+  rows = _process_rows(batch_size, process_count)
+  first = source[0] if len(source) else None
   for start in range(0, len(source), batch_size):
-    elements = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-    padding = {'image': np.zeros_like(elements[0]['image']),
-               'label': np.zeros_like(elements[0]['label']),
+    indices = range(start + process_index * rows, start + (process_index + 1) * rows)
+    elements = [source[i] for i in indices if i < len(source)]
+    padding = {'image': np.zeros_like(first['image']), 'label': np.zeros_like(first['label']),
                'case': np.int32(-1), 'slice': np.int32(-1)}
     valid = len(elements)
-    elements += [padding] * (batch_size - valid)
+    elements += [padding] * (rows - valid)
     batch = {key: np.stack([element[key] for element in elements]) for key in padding}
-    batch['valid'] = np.arange(batch_size) < valid
+    batch['valid'] = np.arange(rows) < valid
     yield batch

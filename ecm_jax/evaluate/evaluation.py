@@ -7,10 +7,16 @@ Metrics (see ecm_jax/evaluate/metrics.py for the empty-mask rules):
 - per case, on the volume reassembled in its original geometry (predictions resized back to the
   original in-plane size with nearest neighbour, against the original label after the label
   mapping): 3D Dice, sensitivity, precision and HD95 in mm with the file's voxel spacing.
+
+In a multi-process job (eval.py started like train.py, `ecm_jax.cluster`) each process predicts
+every `process_count`-th case on its own devices; the per-slice counts and per-case metrics are
+then gathered bit for bit, so the figures are those of one process, and process 0 writes them.
 """
 
 import pathlib
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
@@ -38,40 +44,72 @@ def _original_label(meta, config) -> np.ndarray:
 
 def evaluate_split(predictor: Predictor, ds, split: str, out_dir: pathlib.Path, *,
                    export_nifti: bool = False) -> dict:
-  """Predicts every case of `split`, writes metrics.json, per_case.csv and pictures to `out_dir`.
+  """Predicts every case of `split`, writes metrics.json, per_case.csv and pictures to `out_dir`
+  (each process exports its own cases' masks with `export_nifti`; the rest is process 0's).
 
-  Returns the metrics document (`report.metrics_document`).
+  Returns the metrics document (`report.metrics_document`), on every process.
   """
   config = predictor.config
-  out_dir.mkdir(parents=True, exist_ok=True)
-  if export_nifti:
-    (out_dir / 'predictions').mkdir(exist_ok=True)
-  slice_counts, case_rows, pictures = [], [], []
   cases = ds.split_cases(split)
   if not cases:
     raise data.DataError(f'the {split} split of {ds} has no cases')
+  if export_nifti:
+    (out_dir / 'predictions').mkdir(parents=True, exist_ok=True)
+  own = {}  # case id -> (per-slice counts (N, 4), case metrics) of this process's cases
   # disable=None: a bar on a terminal only, no carriage returns in log files.
-  for case_id in tqdm(cases, desc=f'eval {split}', unit='case', disable=None):
+  for case_id in tqdm(cases[jax.process_index()::jax.process_count()], desc=f'eval {split}',
+                      unit='case', disable=None if jax.process_index() == 0 else True):
     meta = ds.case_meta(case_id)
     images, labels = ds.case_arrays(case_id)
     pred = predictor.predict(np.asarray(images))
-    counts = metrics.confusion_counts(pred, labels, axis=(1, 2))
-    slice_counts.append(counts)
-    pictures += [(case_id, k, counts[k]) for k in range(len(counts))]
     original_pred = preprocess.resize_nearest(pred, meta.in_plane_shape)
-    row = metrics.case_metrics(original_pred, _original_label(meta, config.data),
-                               meta.stack_spacing)
-    case_rows.append({'case': case_id, **row})
+    own[case_id] = (metrics.confusion_counts(pred, labels, axis=(1, 2)),
+                    metrics.case_metrics(original_pred, _original_label(meta, config.data),
+                                         meta.stack_spacing))
     if export_nifti:
       _write_prediction_atomic(pred, meta, out_dir / 'predictions' / f'{case_id}.nii.gz')
-  slice_counts = np.concatenate(slice_counts)
+  counts_per_case, case_rows = _gather_cases(ds, cases, own)
+  slice_counts = np.concatenate(counts_per_case)
   document = report.metrics_document(slice_counts, case_rows, split=split,
                                      checkpoint_step=predictor.step)
-  report.write_eval_outputs(out_dir, document, case_rows)
-  written = _pictures(predictor, ds, pictures, slice_counts, out_dir)
-  logs.add_images(predictor.workdir, predictor.step,
-                  {f'eval_{split}/{path.stem}': path for path in written})
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_eval_outputs(out_dir, document, case_rows)
+    pictures = [(case_id, k, counts[k])
+                for case_id, counts in zip(cases, counts_per_case) for k in range(len(counts))]
+    written = _pictures(predictor, ds, pictures, slice_counts, out_dir)
+    logs.add_images(predictor.workdir, predictor.step,
+                    {f'eval_{split}/{path.stem}': path for path in written})
   return document
+
+
+def _allgather_bits(array: np.ndarray) -> np.ndarray:
+  """(process_count, *array.shape): every process's `array` (same shape and dtype everywhere),
+  exactly: 64-bit values travel as pairs of uint32 (JAX arrays are 32-bit by default)."""
+  words = np.ascontiguousarray(array).view(np.uint32)
+  gathered = np.asarray(multihost_utils.process_allgather(words))
+  return gathered.view(array.dtype).reshape(len(gathered), *array.shape)
+
+
+def _gather_cases(ds, cases, own) -> tuple[list[np.ndarray], list[dict]]:
+  """Per case of `cases` (in order): its per-slice counts and its metrics row, from the process
+  that evaluated it."""
+  if jax.process_count() == 1:
+    return [own[c][0] for c in cases], [{'case': c, **own[c][1]} for c in cases]
+  sizes = [ds.case_meta(c).num_slices for c in cases]
+  starts = np.cumsum([0] + sizes)
+  counts = np.zeros((starts[-1], 4), np.int64)
+  values = np.zeros((len(cases), len(metrics.CASE_METRICS)), np.float64)
+  for index, case_id in enumerate(cases):
+    if case_id in own:
+      counts[starts[index]:starts[index + 1]] = own[case_id][0]
+      values[index] = [own[case_id][1][name] for name in metrics.CASE_METRICS]
+  counts = _allgather_bits(counts).sum(axis=0)  # each slice's row is non-zero on one process only
+  values = _allgather_bits(values)
+  owner = np.arange(len(cases)) % jax.process_count()
+  rows = [{'case': case_id, **dict(zip(metrics.CASE_METRICS, map(float, values[owner[i], i])))}
+          for i, case_id in enumerate(cases)]
+  return [counts[starts[i]:starts[i + 1]] for i in range(len(cases))], rows
 
 
 def _pictures(predictor: Predictor, ds, pictures, slice_counts,
@@ -130,9 +168,10 @@ def scan_paths(path) -> list[pathlib.Path]:
 
 def predict_scans(predictor: Predictor, inputs, output_dir) -> list[pathlib.Path]:
   """Segments new scans: each input (NIfTI or DICOM series folder) -> a uint8 mask NIfTI of the
-  same name (a series folder's name + .nii.gz) and geometry."""
+  same name (a series folder's name + .nii.gz) and geometry. In a multi-process job each process
+  segments every `process_count`-th scan; returns the paths this process wrote."""
   output_dir = pathlib.Path(output_dir)
-  paths = scan_paths(inputs)
+  paths = scan_paths(inputs)[jax.process_index()::jax.process_count()]
   output_dir.mkdir(parents=True, exist_ok=True)
   written = []
   for path in tqdm(paths, desc='predict', unit='scan', disable=None):

@@ -1,9 +1,12 @@
-"""A trained run ready for inference: its config, restored variables, EC fold, batched prediction."""
+"""A trained run ready for inference: its config, restored variables, EC fold, batched prediction
+sharded over this process's devices."""
 
 import pathlib
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -11,7 +14,7 @@ from ecm_jax import config as config_lib
 from ecm_jax.errors import WorkdirError
 from ecm_jax.models.fold import fold_ec, has_ec_blocks
 from ecm_jax.models.networks import attention_maps, build_model
-from ecm_jax.train import checkpoint, step
+from ecm_jax.train import checkpoint, sharding, step
 from ecm_jax.train import workdir as workdir_lib
 
 
@@ -24,7 +27,7 @@ def batched_logits(logits_fn, variables, images: np.ndarray, batch_size: int) ->
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    out.append(logits_fn(variables, jnp.asarray(chunk))[:batch_size - pad])
+    out.append(logits_fn(variables, chunk)[:batch_size - pad])
   return np.concatenate(jax.device_get(out)) if out else np.zeros((0,), np.float32)
 
 
@@ -32,7 +35,9 @@ class Predictor:
   """The model of a training run, restored from one of its checkpoints.
 
   With `fold=True` (default) an EC model is converted to its deploy form (one 3x3 conv with bias per
-  EC block, `ecm_jax.models.fold`): same output, fewer convolutions.
+  EC block, `ecm_jax.models.fold`): same output, fewer convolutions. The variables are replicated
+  on this process's devices and each batch is split over them (`batch_size` is rounded up to a
+  multiple of their number).
   """
 
   def __init__(self, workdir, checkpoint_name: str = 'best', *,
@@ -51,15 +56,18 @@ class Predictor:
             f'the checkpoints in {self.workdir} were trained with a different model config than '
             f'the one given:\n  ' + '\n  '.join(diff))
     self.model = build_model(self.config.model)
+    mesh = sharding.make_mesh(jax.local_devices())
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     self.step, self.variables = checkpoint.restore_variables(
-        self.workdir, self.config, checkpoint_name,
-        jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        self.workdir, self.config, checkpoint_name, replicated)
     self.deploy_model, self.deploy_variables = self.model, self.variables
     if fold and has_ec_blocks(self.config.model):
       deploy_config, self.deploy_variables = fold_ec(self.config.model, self.variables)
       self.deploy_model = build_model(deploy_config)
-    self.batch_size = batch_size or self.config.train.eval_batch_size
-    self._logits = jax.jit(lambda v, x: self.deploy_model.apply(v, x, train=False)['logits'])
+    devices = mesh.devices.size
+    self.batch_size = -(-(batch_size or self.config.train.eval_batch_size) // devices) * devices
+    self._logits = jax.jit(lambda v, x: self.deploy_model.apply(v, x, train=False)['logits'],
+                           in_shardings=(replicated, rows), out_shardings=rows)
 
   def logits(self, images: np.ndarray) -> np.ndarray:
     """Main-head logits (N,S,S,K) of preprocessed slices (N,S,S,C), in fixed-size batches."""

@@ -1,6 +1,7 @@
 """MuS, the atrous spatial pyramid pooling multi-scale block (Sec. III-A-2, Fig. 1c; DeepLabV3)."""
 
 from collections.abc import Sequence
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -10,17 +11,22 @@ from ecm_jax.models.layers import ConvBNReLU, LayerSettings, at_least_float32
 
 
 class ImagePooling(nn.Module):
-  """ASPP image-level branch: global mean (at least float32) -> Conv1x1 -> BN -> ReLU, broadcast
-  to H x W."""
+  """ASPP image-level branch: global mean -> Conv1x1 -> BN -> ReLU, broadcast to H x W.
+
+  The branch runs in at least float32 whatever the compute dtype: it works on (B, 1, 1, C), so it
+  costs nothing, and its BatchNorm normalises B values per channel, which in bfloat16 would turn
+  rounding into most of its gradient. The broadcast output is in the compute dtype.
+  """
   features: int
   settings: LayerSettings = LayerSettings()
 
   @nn.compact
   def __call__(self, f: jax.Array, train: bool) -> jax.Array:
-    pooled = jnp.mean(f.astype(at_least_float32(f.dtype)), axis=(1, 2), keepdims=True)
-    pooled = pooled.astype(f.dtype)
-    y = ConvBNReLU(self.features, (1, 1), settings=self.settings, name='conv_bn_relu')(pooled, train)
-    return jnp.broadcast_to(y, f.shape[:3] + (self.features,))
+    wide = at_least_float32(f.dtype)
+    pooled = jnp.mean(f.astype(wide), axis=(1, 2), keepdims=True)
+    settings = dataclasses.replace(self.settings, dtype=wide)
+    y = ConvBNReLU(self.features, (1, 1), settings=settings, name='conv_bn_relu')(pooled, train)
+    return jnp.broadcast_to(y.astype(f.dtype), f.shape[:3] + (self.features,))
 
 
 class MultiScale(nn.Module):

@@ -40,6 +40,7 @@ from ecm_jax.models.layers import (
   LayerSettings,
   at_least_float32,
   check_input,
+  matmul_precision_scope,
 )
 
 RESNET34_BLOCKS = (3, 4, 6, 3)  # basic blocks per encoder stage
@@ -191,6 +192,7 @@ class CENet(nn.Module):
     return STRIDE * max(RMP_POOLS)
 
   @nn.compact
+  @matmul_precision_scope
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     if len(self.features) != len(RESNET34_BLOCKS) or self.features[0] < 2:
       raise ValueError(f'CENet needs {len(RESNET34_BLOCKS)} stage widths, the first at least 2 '

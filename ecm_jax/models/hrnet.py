@@ -36,7 +36,13 @@ import jax
 import jax.numpy as jnp
 
 from ecm_jax.models import ops
-from ecm_jax.models.layers import Conv2D, LayerSettings, at_least_float32, check_input
+from ecm_jax.models.layers import (
+  Conv2D,
+  LayerSettings,
+  at_least_float32,
+  check_input,
+  matmul_precision_scope,
+)
 
 STEM_WIDTH = 64
 STAGE1_PLANES = 64  # Bottleneck inner width in stage 1; its output is 4x this
@@ -283,6 +289,7 @@ class HRNetV2(nn.Module):
     return 32
 
   @nn.compact
+  @matmul_precision_scope
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     check_input(x, self, 'five stride-2 convolutions: the lowest branch is at 1/32')
     s = self.settings

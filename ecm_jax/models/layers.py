@@ -3,7 +3,13 @@
 Every 2D convolution goes through `ecm_jax.ops` (`conv2d`, `upsample_patches`) so the kernels can be
 swapped by `conv_impl` without touching the modules. Parameters, BatchNorm statistics, global
 reductions and softmaxes are float32 under a 16-bit compute dtype (`at_least_float32`); parameters
-are cast to the compute dtype at use. Under float64 (jax_enable_x64) everything is float64.
+are cast to the compute dtype at use, and activations, the residuals saved for the backward pass
+and BatchNorm's input stay in the compute dtype (`BatchNorm`). Under float64 (jax_enable_x64)
+everything is float64.
+
+`LayerSettings.remat` chooses what the backward pass recomputes instead of keeping (`remat`);
+`LayerSettings.matmul_precision` the float32 matmul/convolution precision of a whole network
+(`matmul_precision_scope`, on each network's `__call__`).
 
 Initialisation follows PyTorch's defaults (the paper's framework): kernels and biases uniform in
 +-1/sqrt(fan_in), with fan_in computed as PyTorch does (for transposed convolutions from the output
@@ -11,6 +17,7 @@ channels); BatchNorm scale 1, bias 0, running mean 0, running var 1.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -28,6 +35,23 @@ def at_least_float32(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+# model.remat: what the backward pass recomputes instead of keeping from the forward pass.
+#   none    nothing: every residual is kept (fastest, most memory).
+#   blocks  each conv block (Conv-BN-ReLU, EC block) of the U-Net levels, the bottleneck block and
+#           the DWS side output keep only their input; their insides are recomputed in the
+#           backward pass (about one more forward pass of compute).
+#   levels  coarser: each encoder level (max-pool and its two blocks), each decoder stage
+#           (upsampling, gate, concatenation, two blocks), the bottleneck and the side output keep
+#           only their inputs (the skips); fewer saved maps, larger recomputed regions.
+# Only the U-Net family (configs.default UNET names) has these units; the other networks take
+# 'none' only. Parameters and results are the same whatever the choice (tests/test_remat.py).
+REMATS = ('none', 'blocks', 'levels')
+# model.matmul_precision: `jax.default_matmul_precision` for the network's float32 matmuls and
+# convolutions. 'default' leaves JAX's (on GPUs: TF32 for float32, on TPUs: bfloat16 passes, on
+# the CPU: float32), 'high' (TF32 / 3 bf16 passes), 'highest' (true float32: parity with PyTorch).
+MATMUL_PRECISIONS = ('default', 'high', 'highest')
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSettings:
   """What every layer of a model shares, from `config.model`.
@@ -36,12 +60,22 @@ class LayerSettings:
   bn_momentum: flax convention, running = m * running + (1 - m) * batch (0.9 = PyTorch 0.1).
   bn_axis_name: mapped axis for cross-replica BatchNorm statistics under `shard_map` (None: the
     statistics of the array as seen, which under `jit` with a sharded batch is the global batch).
+  remat: one of `REMATS` (see there). matmul_precision: one of `MATMUL_PRECISIONS`.
   """
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_axis_name: str | None = None
+  remat: str = 'none'
+  matmul_precision: str = 'default'
+
+  def __post_init__(self):
+    if self.remat not in REMATS:
+      raise ValueError(f'model.remat must be one of {REMATS}, got {self.remat!r}')
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f'model.matmul_precision must be one of {MATMUL_PRECISIONS}, '
+                       f'got {self.matmul_precision!r}')
 
   @property
   def param_dtype(self) -> Any:
@@ -52,6 +86,34 @@ class LayerSettings:
     """A `BatchNorm` with these constants (output dtype `dtype`, default the compute dtype)."""
     return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                      axis_name=self.bn_axis_name, dtype=dtype or self.dtype, name=name)
+
+
+def remat(module_class: type, settings: LayerSettings, units: tuple[str, ...],
+          static_argnums: tuple[int, ...]):
+  """`module_class`, or `nn.remat` of it when `settings.remat` is one of `units` ('blocks',
+  'levels').
+
+  The variables keep their names (a lifted transform adds no scope). `static_argnums` index the
+  call's arguments with `self` as 0 (the `train` flag must be static).
+  """
+  if settings.remat not in units:
+    return module_class
+  return nn.remat(module_class, static_argnums=static_argnums)
+
+
+def matmul_precision_scope(call):
+  """Decorates a network's `__call__` (under `@nn.compact`) so that everything it traces runs
+  under `jax.default_matmul_precision(self.settings.matmul_precision)` ('default': JAX's own)."""
+
+  @functools.wraps(call)
+  def wrapper(self, *args, **kwargs):
+    precision = self.settings.matmul_precision
+    if precision == 'default':
+      return call(self, *args, **kwargs)
+    with jax.default_matmul_precision(precision):
+      return call(self, *args, **kwargs)
+
+  return wrapper
 
 
 def check_input(x: jax.Array, model: nn.Module, why: str) -> None:
@@ -277,6 +339,10 @@ class BatchNorm(nn.Module):
   cast to `dtype`. With `axis_name` the statistics are averaged over that mapped axis
   (cross-replica BatchNorm under `shard_map`).
 
+  A 16-bit input in train mode (without `axis_name`) takes `batch_norm_train_16bit`: the same
+  function, whose backward pass keeps the 16-bit input as its residual instead of a float32 copy
+  (autodiff of the float32 arithmetic would keep x - mean in float32: twice the bytes).
+
   Variables: params `scale`, `bias`; batch_stats `mean`, `var` (all (C,), at_least_float32(dtype)).
   """
   momentum: float = 0.9
@@ -292,6 +358,17 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), wide)
     running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), wide))
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), wide))
+    if train and self.axis_name is None and jnp.finfo(x.dtype).bits < 32:
+      count = math.prod(x.shape[:-1])
+      if count < 2:
+        raise ValueError(f'BatchNorm in train mode needs more than 1 value per channel (as PyTorch), '
+                         f'got input shape {x.shape}: use a batch of at least 2 when training')
+      y, mean, var = batch_norm_train_16bit(x, scale, bias, self.epsilon, self.dtype)
+      if not self.is_initializing():
+        m = self.momentum
+        running_mean.value = m * running_mean.value + (1 - m) * mean
+        running_var.value = m * running_var.value + (1 - m) * var * (count / (count - 1))
+      return y
     x_wide = x.astype(wide)
     if train:
       axes = tuple(range(x.ndim - 1))
@@ -314,6 +391,55 @@ class BatchNorm(nn.Module):
       mean, var = running_mean.value, running_var.value
     y = (x_wide - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
     return y.astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train_16bit(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                           dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Train-mode BatchNorm of a 16-bit `x` over every axis but the last: (y in `dtype`, batch mean,
+  biased batch variance), statistics and normalisation in float32 (`scale`'s dtype), as
+  `BatchNorm`'s float32 path computes them. Its backward pass keeps `x` itself (16-bit), the mean,
+  1/sqrt(var + eps) and the scale, and computes in float32."""
+  y, mean, var, _ = _bn16_forward(x, scale, bias, epsilon, dtype)
+  return y, mean, var
+
+
+def _bn16_forward(x, scale, bias, epsilon, dtype):
+  wide = scale.dtype
+  axes = tuple(range(x.ndim - 1))
+  x_wide = x.astype(wide)
+  mean = jnp.mean(x_wide, axis=axes)
+  var = jnp.mean(jnp.square(x_wide - mean), axis=axes)
+  rstd = lax.rsqrt(var + epsilon)
+  y = (x_wide - mean) * (scale * rstd) + bias
+  return y.astype(dtype), mean, var, rstd
+
+
+def _bn16_fwd(x, scale, bias, epsilon, dtype):
+  y, mean, var, rstd = _bn16_forward(x, scale, bias, epsilon, dtype)
+  return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _bn16_bwd(epsilon, dtype, residuals, cotangents):
+  del epsilon, dtype
+  x, mean, rstd, scale = residuals
+  dy, dmean, dvar = cotangents
+  wide = scale.dtype
+  axes = tuple(range(x.ndim - 1))
+  n = math.prod(x.shape[:-1])
+  centred = x.astype(wide) - mean
+  x_hat = centred * rstd
+  dy = dy.astype(wide)
+  dbias = jnp.sum(dy, axis=axes)
+  dscale = jnp.sum(dy * x_hat, axis=axes)
+  # y = x_hat * scale + bias with x_hat = (x - mean) / sqrt(var + eps), mean and var of the batch.
+  dx = (scale * rstd) * (dy - (dbias + x_hat * dscale) / n)
+  # The mean and variance outputs (read by the running statistics only: zero cotangents in a loss)
+  dx = dx + dmean / n + dvar * (2.0 / n) * centred
+  return dx.astype(x.dtype), dscale, dbias
+
+
+batch_norm_train_16bit.defvjp(_bn16_fwd, _bn16_bwd)
 
 
 class ConvBNReLU(nn.Module):
@@ -357,18 +483,25 @@ class EnhancedConv(nn.Module):
 
 
 class DoubleConv(nn.Module):
-  """One U-Net level: two conv blocks (`block0`, `block1`), EC blocks when `ec` (encoder only)."""
+  """One U-Net level: two conv blocks (`block0`, `block1`), EC blocks when `ec` (encoder only),
+  after a 2x2 max-pool when `pool` (the encoder's levels below the first). Each block is
+  rematerialised under remat 'blocks'."""
   features: int
   ec: bool = False
   ec_folded: bool = False
   settings: LayerSettings = LayerSettings()
+  pool: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.pool:
+      x = ops.max_pool_2x2(x)
     for i in range(2):
       if self.ec:
-        block = EnhancedConv(self.features, self.ec_folded, settings=self.settings, name=f'block{i}')
+        block = remat(EnhancedConv, self.settings, ('blocks',), (2,))(
+            self.features, self.ec_folded, settings=self.settings, name=f'block{i}')
       else:
-        block = ConvBNReLU(self.features, settings=self.settings, name=f'block{i}')
+        block = remat(ConvBNReLU, self.settings, ('blocks',), (2,))(
+            self.features, settings=self.settings, name=f'block{i}')
       x = block(x, train)
     return x

@@ -29,6 +29,7 @@ from ecm_jax.models.layers import (
   PatchUpsample,
   at_least_float32,
   check_input,
+  matmul_precision_scope,
 )
 
 BRANCH_KERNELS = (3, 7)  # the kernel sizes of a multi-scale block's parallel branches
@@ -78,6 +79,7 @@ class MSUNet(nn.Module):
     return self.input_multiple()
 
   @nn.compact
+  @matmul_precision_scope
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     check_input(x, self, f'{len(self.features) - 1} 2x2 max-pools')
     s = self.settings

@@ -48,6 +48,8 @@ from ecm_jax.models.layers import (
   PatchUpsample,
   at_least_float32,
   check_input,
+  matmul_precision_scope,
+  remat,
 )
 from ecm_jax.models.side_output import SideOutput
 
@@ -72,7 +74,8 @@ FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 1}
 class Encoder(nn.Module):
   """U-Net encoder: `level{i}` = two conv blocks (EC blocks when `ec`), 2x2 max-pool between levels.
 
-  Returns every level's output (the skips; the last is the bottleneck feature F).
+  Returns every level's output (the skips; the last is the bottleneck feature F). Under remat
+  'levels' each level (its max-pool and two blocks) is rematerialised.
   """
   features: Sequence[int]
   ec: bool = False
@@ -82,10 +85,10 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
     levels = []
+    level = remat(DoubleConv, self.settings, ('levels',), (2,))
     for i, width in enumerate(self.features):
-      if i:
-        x = ops.max_pool_2x2(x)
-      x = DoubleConv(width, self.ec, self.ec_folded, self.settings, name=f'level{i}')(x, train)
+      x = level(width, self.ec, self.ec_folded, self.settings, pool=i > 0, name=f'level{i}')(
+          x, train)
       levels.append(x)
     return levels
 
@@ -132,6 +135,7 @@ class UNet(nn.Module):
     return self.input_multiple()
 
   @nn.compact
+  @matmul_precision_scope
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     check_input(x, self, f'{len(self.features) - 1} 2x2 max-pools')
     s = self.settings
@@ -143,9 +147,9 @@ class UNet(nn.Module):
     outputs = {}
     if self.side_output is not None:
       outputs['side_logits'] = self.side_output(y, train)
+    stage = remat(DecoderStage, s, ('levels',), (3,))
     for i in reversed(range(len(self.features) - 1)):
-      y = DecoderStage(self.features[i], self.attention_gates, s, name=f'decoder{i}')(
-          y, levels[i], train)
+      y = stage(self.features[i], self.attention_gates, s, name=f'decoder{i}')(y, levels[i], train)
     logits = Conv2D(self.num_classes, (1, 1), use_bias=True, settings=s, name='head')(y)
     outputs['logits'] = logits.astype(at_least_float32(logits.dtype))
     return outputs
@@ -172,21 +176,21 @@ class UNetPlusPlus(nn.Module):
     return self.input_multiple()
 
   @nn.compact
+  @matmul_precision_scope
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     check_input(x, self, f'{len(self.features) - 1} 2x2 max-pools')
     s, depth = self.settings, len(self.features)
+    node = remat(DoubleConv, s, ('levels',), (2,))
     nodes = {}
     y = x.astype(s.dtype)
     for i, width in enumerate(self.features):
-      if i:
-        y = ops.max_pool_2x2(y)
-      y = nodes[i, 0] = DoubleConv(width, settings=s, name=f'x{i}_0')(y, train)
+      y = nodes[i, 0] = node(width, settings=s, pool=i > 0, name=f'x{i}_0')(y, train)
     for j in range(1, depth):
       for i in range(depth - j):
         up = PatchUpsample(self.features[i], 2, settings=s, name=f'up{i + 1}_{j - 1}')(
             nodes[i + 1, j - 1])
         merged = jnp.concatenate([nodes[i, k] for k in range(j)] + [up], axis=-1)
-        nodes[i, j] = DoubleConv(self.features[i], settings=s, name=f'x{i}_{j}')(merged, train)
+        nodes[i, j] = node(self.features[i], settings=s, name=f'x{i}_{j}')(merged, train)
     outputs = {}
     if self.side_output is not None:
       outputs['side_logits'] = self.side_output(nodes[depth - 1, 0], train)
@@ -227,9 +231,17 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     raise ValueError('model.ec_folded=True (set by fold_ec) needs model.name=ec_cam_unet with '
                      'ec=True')
 
+  remat_mode = m.get('remat', 'none')
+  if remat_mode != 'none' and m.name in OTHER_NAMES:
+    raise ValueError(f'model.remat={remat_mode!r} is implemented for the U-Net family '
+                     f'({", ".join(UNET_NAMES)}); model.name={m.name!r} takes only remat=none')
+
   # 'auto' is resolved here, once, for the backend the model will run on (ecm_jax.models.ops).
   settings = LayerSettings(DTYPES[m.dtype], ops.resolve_impl(m.conv_impl), m.bn_momentum,
-                           m.bn_epsilon, bn_axis_name)
+                           m.bn_epsilon, bn_axis_name, remat=remat_mode,
+                           matmul_precision=m.get('matmul_precision', 'default'))
+  # The bottleneck block and the side output are rematerialised as one unit each under any remat.
+  whole = ('blocks', 'levels')
   io = dict(in_channels=m.in_channels, num_classes=m.num_classes, settings=settings)
   if m.name == 'cenet':
     return cenet.CENet(features=tuple(m.cenet_features), **io)
@@ -240,23 +252,41 @@ def build_model(model_config: ml_collections.ConfigDict, *,
   if m.name == 'segformer':
     return segformer.SegFormer(size=m.segformer_size, drop_path=m.segformer_drop_path,
                                dropout=m.segformer_dropout, **io)
-  side_output = SideOutput(tuple(m.side_features), m.num_classes, settings) if m.dws else None
+  side_output = (remat(SideOutput, settings, whole, (2,))(tuple(m.side_features), m.num_classes,
+                                                        settings) if m.dws else None)
   common = dict(features=tuple(m.features), in_channels=m.in_channels, num_classes=m.num_classes,
                 side_output=side_output, settings=settings)
   if m.name == 'unet_pp':
     return UNetPlusPlus(**common)
   bottleneck = None
   if is_ec_cam_unet and (m.cc or m.sc or m.mus):
-    bottleneck = CoAGMuSFu(m.cc, m.sc, m.mus, m.fusion, m.cc_hidden, m.sc_scale, m.mus_channels,
-                           tuple(m.mus_rates), settings)
+    bottleneck = remat(CoAGMuSFu, settings, whole, (2,))(
+        m.cc, m.sc, m.mus, m.fusion, m.cc_hidden, m.sc_scale, m.mus_channels, tuple(m.mus_rates),
+        settings)
   elif m.name == 'unet_se':
-    bottleneck = SqueezeExcitation(m.se_reduction, settings)
+    bottleneck = remat(SqueezeExcitation, settings, whole, (2,))(m.se_reduction, settings)
   elif m.name == 'unet_cbam':
-    bottleneck = CBAM(m.se_reduction, settings=settings)
+    bottleneck = remat(CBAM, settings, whole, (2,))(m.se_reduction, settings=settings)
   elif m.name == 'danet':
-    bottleneck = DualAttention(settings)
+    bottleneck = remat(DualAttention, settings, whole, (2,))(settings)
   return UNet(ec=is_ec_cam_unet and m.ec, ec_folded=m.ec_folded, bottleneck=bottleneck,
               attention_gates=m.name == 'attention_unet', **common)
+
+
+def compiler_options(model_config: ml_collections.ConfigDict,
+                     platform: str | None = None) -> dict[str, str]:
+  """XLA compiler options a train step of `model_config` needs on `platform` (default: the default
+  backend), for `jax.jit(...).lower(...).compile(compiler_options=...)`.
+
+  XLA:CPU expands the optimisation barriers that `jax.checkpoint` (`model.remat`) puts around the
+  recomputed inputs before common-subexpression elimination, which then merges the recomputation
+  back into the forward pass: remat would change nothing on the CPU (measured: identical buffers).
+  With remat on the CPU this skips that expansion ('cse_barrier_expander'); the step compiles, runs
+  and gives the same values (tests/test_remat.py). GPU and TPU keep the barriers: nothing needed.
+  """
+  if model_config.get('remat', 'none') != 'none' and (platform or jax.default_backend()) == 'cpu':
+    return {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+  return {}
 
 
 def _smallest_input(model: nn.Module) -> tuple[int, int, int, int]:
@@ -273,12 +303,26 @@ def init_variables(model: nn.Module, seed: int) -> dict:
   input (U-Net: (1, 16, 16, in_channels)). The 'rbg' generator and `FAST_COMPILE_OPTIONS`: XLA:CPU compiles
   threefry-based initialisers of a network this size several times slower (same values either way
   at optimisation level 1, checked).
+
+  Portable across platforms: 'rbg' draws depend on the backend's random-bit generator, so the
+  initialiser always runs on the host CPU (this process's CPU device, present beside every GPU/TPU
+  backend) and the variables are then put on the default device: a seed gives the same variables
+  on a CPU, GPU or TPU host (for one jax version). Only a process started with the CPU backend
+  disabled (JAX_PLATFORMS=cuda) initialises on its default device, whose draws differ.
   """
-  x = jnp.zeros(_smallest_input(model), jnp.float32)
-  key = jax.random.key(seed, impl='rbg')
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = init.lower(key, x).compile(compiler_options=FAST_COMPILE_OPTIONS)(key, x)
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  try:
+    host = jax.local_devices(backend='cpu')[0]  # this process's (devices('cpu') are global)
+  except RuntimeError:  # the CPU backend is disabled (JAX_PLATFORMS without 'cpu')
+    host = None
+  with jax.default_device(host):
+    x = jnp.zeros(_smallest_input(model), jnp.float32)
+    key = jax.random.key(seed, impl='rbg')
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init.lower(key, x).compile(compiler_options=FAST_COMPILE_OPTIONS)(key, x)
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  if host is not None and jax.default_backend() != 'cpu':
+    variables = jax.device_put(variables)  # onto the default (accelerator) device
+  return variables
 
 
 def variable_shapes(model: nn.Module) -> dict:

@@ -52,6 +52,7 @@ from ecm_jax.models.layers import (
   at_least_float32,
   check_input,
   layer_norm,
+  matmul_precision_scope,
 )
 from ecm_jax.models.ops import resize_bilinear
 
@@ -274,6 +275,7 @@ class SegFormer(nn.Module):
     return 32
 
   @nn.compact
+  @matmul_precision_scope
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
     check_input(x, self, 'MiT stage strides 4..32; stage 1 reduces its H/4 map by 8')
     s, spec = self.settings, mit_size(self.size)

@@ -373,6 +373,9 @@ def run(config: ml_collections.ConfigDict, *, steps: int, variables: Mapping | N
   config = ml_collections.ConfigDict(config.to_dict())
   if float64:
     config.model.dtype = 'float64'
+  # True float32 matmuls and convolutions on every backend (GPUs default to TF32, TPUs to bf16
+  # passes): the report measures implementation differences, not a faster precision's rounding.
+  config.model.matmul_precision = 'highest'
   build_model(config.model)  # its config errors (e.g. float64 without jax_enable_x64) before any work
   if variables is None:
     variables = init_variables(config)
@@ -441,7 +444,8 @@ def _describe(config: ml_collections.ConfigDict, steps: int, float64: bool) -> s
           f'conv_impl {m.conv_impl}, {"float64" if float64 else "float32"}, batch '
           f'{config.train.batch_size} x {config.data.image_size}x{config.data.image_size} '
           f'(seed {config.seed}), {steps} optimizer steps (lr {config.train.learning_rate:g}, '
-          f'weight decay {config.train.weight_decay:g}), {jax.device_count()} JAX device(s).')
+          f'weight decay {config.train.weight_decay:g}), {jax.device_count()} JAX device(s) '
+          f'({jax.default_backend()}, matmul precision {m.get("matmul_precision", "default")}).')
 
 
 if __name__ == '__main__':

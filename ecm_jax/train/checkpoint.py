@@ -1,4 +1,7 @@
-"""Orbax checkpoints of a run (train state + data iterator) in `<workdir>/checkpoints/<step>`.
+"""Orbax checkpoints of a run's train state in `<workdir>/checkpoints/<step>`.
+
+The data iterator needs no checkpoint: its position is the step (`ecm_jax.data.pipeline`), so a run
+resumes with any number of processes. Every process takes part in each save and restore.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a crash
 mid-save leaves the previous checkpoints intact and no half checkpoint is ever restored. A
@@ -13,8 +16,8 @@ import logging
 import pathlib
 import shutil
 
-import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -76,14 +79,12 @@ def _write_failure(reason: str, step: int | None, manager) -> StorageError:
       'resume from the latest.')
 
 
-def save(manager, step: int, state, data_iterator, metrics: dict | None = None) -> None:
+def save(manager, step: int, state, metrics: dict | None = None) -> None:
   """Starts saving checkpoint `step` (orbax finishes it in the background); a write error of this
   or of the previous save raises StorageError."""
-  args = {'state': ocp.args.StandardSave(state)}
-  if data_iterator is not None:
-    args['data_iter'] = grain.checkpoint.CheckpointSave(data_iterator)
   try:
-    manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                 metrics=metrics, force=True)
   except Exception as e:  # pylint: disable=broad-except  (tensorstore raises plain ValueErrors)
     reason = _write_failure_reason(e)
     if reason:
@@ -102,13 +103,11 @@ def wait_until_finished(manager) -> None:
     raise
 
 
-def restore(manager, step: int, abstract_state, data_iterator=None):
-  """Restores the state (with the shardings of `abstract_state`) and, if given, the iterator."""
-  args = {'state': ocp.args.StandardRestore(
-      jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))}
-  if data_iterator is not None:
-    args['data_iter'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return manager.restore(step, args=ocp.args.Composite(**args))['state']
+def restore(manager, step: int, abstract_state):
+  """Restores the state with the shapes, dtypes and shardings of `abstract_state`."""
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+      'state']
 
 
 def _first_readable(manager, steps, read: Callable[[int], object], hint: str):
@@ -128,9 +127,9 @@ _CONFIG_HINT = ('. If they were written under another config, use that config (t
                 'config.json).')
 
 
-def restore_newest_readable(manager, abstract_state, data_iterator,
+def restore_newest_readable(manager, abstract_state,
                             report: Callable[[str], None]) -> tuple[int, object]:
-  """(step, state) of the newest checkpoint that reads (state and iterator, as `restore`).
+  """(step, state) of the newest checkpoint that reads (as `restore`).
 
   Checkpoints newer than that one failed to read while an older one of the same run read: they
   are damaged, reported through `report` by step, path and error, and moved to
@@ -140,16 +139,19 @@ def restore_newest_readable(manager, abstract_state, data_iterator,
   """
   step, state, failures = _first_readable(
       manager, sorted(manager.all_steps(), reverse=True),
-      lambda step: restore(manager, step, abstract_state, data_iterator), _CONFIG_HINT)
+      lambda step: restore(manager, step, abstract_state), _CONFIG_HINT)
   damaged_root = pathlib.Path(manager.directory).parent / DAMAGED_FOLDER
   for bad_step, error in failures:
     source, target = pathlib.Path(manager.directory) / str(bad_step), damaged_root / str(bad_step)
-    damaged_root.mkdir(exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)  # an older copy of that same step
-    shutil.move(source, target)
+    if jax.process_index() == 0:  # the workdir is shared: one process moves
+      damaged_root.mkdir(exist_ok=True)
+      shutil.rmtree(target, ignore_errors=True)  # an older copy of that same step
+      shutil.move(source, target)
     report(f'checkpoint {bad_step} ({source}) is damaged ({_short(error)}); moved it to {target} '
            f'and resumed from checkpoint {step}')
   if failures:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('ecm_jax: damaged checkpoints moved')
     manager.reload()
   return step, state
 

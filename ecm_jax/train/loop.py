@@ -3,6 +3,10 @@
 `train_and_evaluate(config, workdir)` is what `train.py` runs. Host work per step is fetching the
 next batch and dispatching the jitted step; metrics are pulled from the devices only every
 `train.log_every_steps` steps (and before each checkpoint, so a NaN is never saved).
+
+In a multi-process job every process runs this loop on its share of each global batch; the run
+is the same whatever the number of processes (`ecm_jax.data.pipeline`), they stop at the same step
+(`preemption`), and process 0 alone writes the run's files besides the checkpoints.
 """
 
 import contextlib
@@ -18,8 +22,8 @@ from ecm_jax import data, files, runtime
 from ecm_jax.errors import ConfigError, NonFiniteLossError
 from ecm_jax.evaluate import metrics as metrics_lib
 from ecm_jax.evaluate import plots
-from ecm_jax.models.networks import build_model
-from ecm_jax.train import checkpoint, logs, losses, sharding, train_state
+from ecm_jax.models import networks
+from ecm_jax.train import checkpoint, logs, losses, preemption, sharding, train_state
 from ecm_jax.train import workdir as workdir_lib
 
 
@@ -30,7 +34,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> nn.Module:
   mesh: the devices the batches are split over (divisibility); default every device.
   """
   try:
-    model = build_model(config.model)
+    model = networks.build_model(config.model)
   except ValueError as e:
     raise ConfigError(f'config.{e}' if str(e).startswith('model.') else str(e)) from e
   data.check_config(config.data)
@@ -62,28 +66,28 @@ def validate_config(config: ml_collections.ConfigDict, mesh=None) -> nn.Module:
   return model
 
 
-def _process_slice(batch: dict) -> dict:
-  """This process's rows of a global batch that every process read whole."""
-  n = jax.process_count()
-  rows = len(batch['image']) // n
-  start = jax.process_index() * rows
-  return {k: batch[k][start:start + rows] for k in ('image', 'label', 'valid')}
-
-
 def evaluate(state, ds, split: str, eval_step, mesh, batch_size: int) -> dict:
-  """Pooled Dice / sensitivity / precision (eqs. 14-16) over every slice of `split`."""
-  counts = [eval_step(state, sharding.shard_batch(_process_slice(batch), mesh))
-            for batch in data.eval_batches(ds, split, batch_size)]
+  """Pooled Dice / sensitivity / precision (eqs. 14-16) over every slice of `split`; each process
+  reads its rows of each batch."""
+  counts = [eval_step(state, sharding.shard_batch(batch, mesh))
+            for batch in data.eval_batches(ds, split, batch_size,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())]
   return metrics_lib.pooled_metrics(metrics_lib.pool_counts(jax.device_get(counts)))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, stop=None,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+                       stop: preemption.StopSignals | None = None,
                        allow_config_change: bool = False) -> train_state.TrainState:
-  """Trains (or resumes) the run in `workdir` to `total_steps`; returns the final state."""
+  """Trains (or resumes) the run in `workdir` to `total_steps`; returns the final state.
+
+  stop: checked after every step; when it says so, the step is saved and training ends.
+  """
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh()
   model = validate_config(config, mesh)
   files.check_writable(workdir, '--workdir')
+  workdir_lib.check_shared(workdir)
   # One process holds the lock for the job (the workdir is shared by all of them).
   lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
@@ -100,7 +104,8 @@ def _train(config, workdir, model, mesh, stop, allow_config_change) -> train_sta
       train_state.abstract_train_state(model, train_state.make_optimizer(config, 1))))
   files.check_free_space(workdir, 2 * state_bytes, '--workdir')
 
-  ds = data.prepare(config.data, split_file=workdir / 'splits.json')
+  ds = data.prepare(config.data, split_file=workdir / 'splits.json',
+                    write_split=jax.process_index() == 0)
   global_batch = config.train.batch_size
   steps_per_epoch = data.steps_per_epoch(ds, global_batch)
   if steps_per_epoch < 1:
@@ -116,13 +121,12 @@ def _train(config, workdir, model, mesh, stop, allow_config_change) -> train_sta
                                        schedule=schedule, seed=config.seed)
   eval_step = sharding.jit_eval_step(mesh, model=model)
 
-  iterator = data.train_iterator(
-      ds, config.data, batch_size=global_batch // jax.process_count(), seed=config.seed,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
   start_step, damaged = 0, []
   if manager.all_steps():
-    start_step, state = checkpoint.restore_newest_readable(manager, state, iterator,
-                                                           damaged.append)
+    start_step, state = checkpoint.restore_newest_readable(manager, state, damaged.append)
+  iterator = data.train_iterator(
+      ds, config.data, batch_size=global_batch, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
   log = logs.RunLog(workdir, start_step=start_step, total_steps=total_steps,
                     batch_size=global_batch, enabled=jax.process_index() == 0)
   for message in damaged:
@@ -158,7 +162,7 @@ def _train(config, workdir, model, mesh, stop, allow_config_change) -> train_sta
   def save(step: int, val_metrics: dict | None = None) -> None:
     nonlocal last_saved
     flush(step)
-    checkpoint.save(manager, step, state, iterator,
+    checkpoint.save(manager, step, state,
                     None if val_metrics is None else {'val_dice': val_metrics['dice']})
     last_saved = step
 
@@ -168,7 +172,8 @@ def _train(config, workdir, model, mesh, stop, allow_config_change) -> train_sta
       batch = sharding.shard_batch(next(iterator), mesh)
       log.waited(time.perf_counter() - waiting)
       if step == start_step + 1:  # compiled ahead of time, for its memory analysis
-        train_step = train_step.lower(state, batch).compile()
+        train_step = train_step.lower(state, batch).compile(
+            compiler_options=networks.compiler_options(config.model))
         message = runtime.fit_host_memory(sharding.host_temp_bytes(train_step))
         if message:
           log.message(message)
@@ -187,10 +192,10 @@ def _train(config, workdir, model, mesh, stop, allow_config_change) -> train_sta
           plots.learning_curves(log.path, workdir / 'learning_curves.png')
       elif step % config.train.checkpoint_every_steps == 0:
         save(step)
-      if stop:
+      if stop is not None and stop.should_stop(step):
         if last_saved != step:
           save(step)
-        log.message(f'{stop.signal_name}: saved step {step} to {manager.directory}; exiting.')
+        log.message(f'{stop.reason()}: saved step {step} to {manager.directory}; exiting.')
         break
     checkpoint.wait_until_finished(manager)
   except OSError as e:

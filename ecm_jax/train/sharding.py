@@ -38,7 +38,9 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """`tree` (the same values in every process) on every device of the mesh. Passed through the
+  host: a multi-process job cannot reshard an array of one process's device onto all devices."""
+  return jax.device_put(jax.device_get(tree), NamedSharding(mesh, P()))
 
 
 def jit_train_step(mesh: Mesh, **static) -> Callable:

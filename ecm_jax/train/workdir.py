@@ -6,7 +6,11 @@ Layout of a workdir:
   checkpoints/<step> orbax checkpoints: the latest `train.checkpoint_keep` and the best by val Dice
   damaged_checkpoints/<step>  checkpoints that failed to read, moved aside (`ecm_jax.train.checkpoint`)
   metrics.jsonl      one JSON object per logged step / validation; tensorboard/ the same as events
-  .lock              held by the train.py that is using the workdir
+  .lock              held by the train.py that is using the workdir (process 0 of a job)
+
+In a multi-process job the workdir is one folder that every process sees (a shared file system):
+every process writes its part of each checkpoint there, process 0 everything else
+(`check_shared` refuses a workdir that is not shared before anything is written).
 
 A workdir becomes a run with its first checkpoint: until then (e.g. a first attempt that stopped on
 a mistyped data.root) its config.json may be replaced by the next attempt's without
@@ -21,7 +25,10 @@ import os
 import pathlib
 import socket
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from ecm_jax import config as config_lib
 from ecm_jax import files
@@ -63,6 +70,29 @@ class WorkdirLock:
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
+
+
+def check_shared(workdir: pathlib.Path) -> None:
+  """In a multi-process job: WorkdirError on every process unless all of them see the file that
+  process 0 writes into `workdir` (else each would save checkpoints into its own folder)."""
+  if jax.process_count() == 1:
+    return
+  token = multihost_utils.broadcast_one_to_all(
+      np.frombuffer(os.urandom(8), np.uint32) if jax.process_index() == 0 else np.zeros(2, np.uint32))
+  probe = pathlib.Path(workdir) / f'.shared-check-{"".join(f"{t:08x}" for t in np.asarray(token))}'
+  if jax.process_index() == 0:
+    probe.touch()
+  multihost_utils.sync_global_devices('ecm_jax: shared-workdir probe written')
+  sees = multihost_utils.process_allgather(np.asarray(probe.exists()))
+  multihost_utils.sync_global_devices('ecm_jax: shared-workdir probe read')
+  if jax.process_index() == 0:
+    probe.unlink()
+  blind = [int(i) for i in np.flatnonzero(~np.asarray(sees))]
+  if blind:
+    raise WorkdirError(
+        f'--workdir {workdir} is not shared between the processes of this job: process(es) '
+        f'{", ".join(map(str, blind))} do not see the file process 0 wrote there. Use a folder on '
+        'a file system that every host mounts at the same path (NFS, Lustre, GCS FUSE, ...).')
 
 
 def record_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, *,
