@@ -31,7 +31,6 @@ from scipy import stats
 
 from ecm_jax import files, tables
 from ecm_jax.errors import UserError
-from ecm_jax.evaluate import report
 from ecm_jax.models import summary
 from ecm_jax.sweep import runs as runs_lib
 
@@ -243,6 +242,14 @@ def _csv(summaries: Sequence[dict]) -> str:
   return text.getvalue()
 
 
+def _data_description(data: dict) -> str:
+  """The data a sweep ran on: the dataset folder and the labels merged into the target."""
+  if data['dataset'] == 'synthetic':
+    return 'SYNTHETIC demo data'
+  labels = ', '.join(map(str, data['foreground_labels']))
+  return f'{pathlib.Path(data["root"]).name} ({data["dataset"]}, foreground labels {labels})'
+
+
 def write(out: pathlib.Path, finished: Sequence[runs_lib.Run], rows: Sequence[str],
           baseline: str, command: str) -> str:
   """table.md, table.csv, table.json and dice.png of the `finished` runs into `out`; returns the
@@ -255,9 +262,7 @@ def write(out: pathlib.Path, finished: Sequence[runs_lib.Run], rows: Sequence[st
 
   config = next(iter(configs.values()), None)
   cases = max((f.num_cases for f in figures), default=0)
-  dataset = MISSING if config is None else report.dataset_column(config['data'])
-  if config is not None and config['data']['dataset'] == 'synthetic':
-    dataset += ' (SYNTHETIC demo data)'
+  dataset = MISSING if config is None else _data_description(config['data'])
   subtitle = f'{dataset}, {cases} test cases, {len(figures)} run{"s" * (len(figures) != 1)}'
   train, evaluation = (sum(f.train_seconds for f in figures), sum(f.eval_seconds for f in figures))
   header, lines = _markdown_rows(summaries, baseline)
