@@ -189,3 +189,11 @@ def test_a_config_override_of_the_seed_is_refused(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       'error: --config.seed=3: the sweep sets it for each run; use --seeds and --rows')
+
+
+def test_the_title_names_the_data_folder_and_its_labels():
+  describe = table._data_description  # pylint: disable=protected-access
+  assert describe({'dataset': 'msd', 'root': '/data/chaos_mri/', 'foreground_labels': (2, 3)}) == (
+      'chaos_mri (msd, foreground labels 2, 3)')
+  assert describe({'dataset': 'synthetic', 'root': None, 'foreground_labels': (1, 2)}) == (
+      'SYNTHETIC demo data')
