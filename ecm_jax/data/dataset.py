@@ -131,7 +131,7 @@ class PreparedDataset:
 
   def __repr__(self) -> str:
     counts = {name: len(cases) for name, cases in self._split.items()}
-    kind = 'SYNTHETIC demo data, ' if self.synthetic else ''
+    kind = f'{synthetic.NAME}, ' if self.synthetic else ''
     return f'PreparedDataset({kind}{self.cache_path}, cases {counts})'
 
 

@@ -24,6 +24,7 @@ from ecm_jax.data import cache
 
 _log = logging.getLogger(__name__)
 
+NAME = 'SYNTHETIC demo data'  # how every report, table and log line labels these data
 GENERATOR_VERSION = 1  # bump when the phantom changes, so old folders are not reused
 SLICE_THICKNESS_MM = 3.0
 FIELD_OF_VIEW_MM = 400.0
@@ -44,7 +45,7 @@ def ensure_dataset(config) -> pathlib.Path:
     except OSError:
       if not root.exists():  # else another process wrote the same data first
         raise
-  _log.warning('using SYNTHETIC demo data (not real anatomy) at %s', root)
+  _log.warning('using %s (not real anatomy) at %s', NAME, root)
   return root
 
 

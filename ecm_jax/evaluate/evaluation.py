@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ecm_jax import data, files
-from ecm_jax.data import dicom, preprocess, readers
+from ecm_jax.data import dicom, preprocess, readers, synthetic
 from ecm_jax.evaluate import metrics, plots, report
 from ecm_jax.evaluate.inference import Predictor
 from ecm_jax.train import logs
@@ -117,7 +117,7 @@ def _pictures(predictor: Predictor, ds, pictures, slice_counts,
   """Overlays of the best and worst slices, the CoA attention map of the best, learning curves;
   returns the PNG paths written."""
   written = []
-  note = 'SYNTHETIC demo data' if ds.synthetic else None
+  note = synthetic.NAME if ds.synthetic else None
   best, worst = plots.best_and_worst_slices(slice_counts, NUM_PICTURE_SLICES)
   for name, chosen in (('best', best), ('worst', worst)):
     if not len(chosen):

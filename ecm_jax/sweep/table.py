@@ -30,6 +30,7 @@ import numpy as np
 from scipy import stats
 
 from ecm_jax import files, tables
+from ecm_jax.data import synthetic
 from ecm_jax.errors import UserError
 from ecm_jax.models import summary
 from ecm_jax.sweep import runs as runs_lib
@@ -245,7 +246,7 @@ def _csv(summaries: Sequence[dict]) -> str:
 def _data_description(data: dict) -> str:
   """The data a sweep ran on: the dataset folder and the labels merged into the target."""
   if data['dataset'] == 'synthetic':
-    return 'SYNTHETIC demo data'
+    return synthetic.NAME
   labels = ', '.join(map(str, data['foreground_labels']))
   return f'{pathlib.Path(data["root"]).name} ({data["dataset"]}, foreground labels {labels})'
 
