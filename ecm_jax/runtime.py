@@ -26,7 +26,8 @@ HOST_MEMORY_HELP = (
 # Orbax warnings about what we do on purpose: the best checkpoint by val Dice is kept by a
 # preservation policy (orbax still asks for metrics at every save), and evaluation opens the
 # checkpoints read-only.
-_ORBAX_NOISE = ('Requested `tracked_metric`', 'Given directory is read only')
+_ORBAX_NOISE = ('Requested `tracked_metric`', 'Given directory is read only',
+                'Type handler registry type')  # ecm_jax.train.checkpoint's array handler
 
 _host_memory = None  # ecm_jax.cpu.host_memory once configured (CPU processes only)
 _host_memory_in_effect = 'default'

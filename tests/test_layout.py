@@ -14,6 +14,8 @@ import ast
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 BASE = {'ecm_jax', 'ecm_jax.errors', 'ecm_jax.files', 'ecm_jax.tables', 'ecm_jax.config',
@@ -88,6 +90,16 @@ def test_nothing_outside_torch_ref_imports_it():
     names = [name for name, *_ in _imports(path)]
     assert not [n for n in names if n.startswith('ecm_jax.torch_ref')], path
     assert 'import torch' not in path.read_text(), path
+
+
+def test_training_and_evaluation_load_without_pytorch_where_it_is_installed():
+  """tensorboardX would import PyTorch (seconds at each start of train.py and eval.py)."""
+  pytest.importorskip('torch', reason='only where PyTorch is installed')
+  result = subprocess.run([sys.executable, '-c', 'import sys, ecm_jax.train.loop, '
+                           'ecm_jax.evaluate.evaluation; print("torch" in sys.modules)'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == 'False'
 
 
 _GPU_LIKE = '''

@@ -19,10 +19,21 @@ import sys
 import time
 
 import numpy as np
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from ecm_jax import files
+
+# tensorboardX imports PyTorch whenever it is installed, only to accept torch tensors: seconds at
+# each start of train.py and eval.py beside the PyTorch reference. We log numpy, so it is imported
+# with PyTorch hidden (None in sys.modules makes importing it fail), unless PyTorch is loaded.
+_hide_torch = 'torch' not in sys.modules
+if _hide_torch:
+  sys.modules['torch'] = None
+try:
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+finally:
+  if _hide_torch:
+    del sys.modules['torch']
 
 TENSORBOARD_DIR = 'tensorboard'
 
