@@ -308,9 +308,10 @@ def run_jax(config: ml_collections.ConfigDict, variables: Mapping, batches: Sequ
   over the mesh of every device, as `sharding.jit_train_step`): one jitted program runs the forward
   pass in eval and in train mode with the block outputs captured, `step.loss_and_gradients`, and
   `step.train_step` itself (the run's optimizer and schedule) for the next state; K calls on K
-  batches are the K steps. One program, so the network compiles once (compile time is nearly the
-  whole cost at test shapes). The forwards, loss and gradients compared are those at the initial
-  state. `compiler_options`: XLA options for the compilation (None: as training compiles).
+  batches are the K steps (K = 0: one call, and no train step in the program). One program, so the
+  network compiles once (compile time is nearly the whole cost at test shapes). The forwards, loss
+  and gradients compared are those at the initial state. `compiler_options`: XLA options for the
+  compilation (None: as training compiles).
   """
   model = build_model(config.model)
   mesh = sharding.make_mesh()
@@ -333,8 +334,8 @@ def run_jax(config: ml_collections.ConfigDict, variables: Mapping, batches: Sequ
       forward[train] = (outputs, captured['intermediates'])
     loss, terms, grads, _ = step.loss_and_gradients(state, batch, model=model,
                                                     loss_config=config.loss, seed=config.seed)
-    new_state, _ = step.train_step(state, batch, model=model, tx=tx, loss_config=config.loss,
-                                   schedule=schedule, seed=config.seed)
+    new_state = step.train_step(state, batch, model=model, tx=tx, loss_config=config.loss,
+                                schedule=schedule, seed=config.seed)[0] if steps else None
     return (forward, loss, terms, grads), new_state
 
   state = sharding.replicate(train_state.state_from_variables(dict(variables), tx), mesh)
