@@ -34,7 +34,8 @@ def _write_arrays_whole() -> None:
 
   Elsewhere orbax defaults to "replica-parallel" writes: each replicated array is cut into one slice
   per device by an eager device op, which made every save take seconds longer on the CPU (~600
-  arrays for this model's state, most of them small) to share writing the largest of them."""
+  arrays for this model's state, most of them small) to share writing the largest of them. Orbax
+  keeps one handler registry per process: this holds for every orbax save of the process."""
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
